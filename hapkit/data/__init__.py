@@ -1,0 +1,45 @@
+"""Datasets with tree labels, batch samplers and transforms.
+
+- :func:`get_dataset` / :func:`get_eval_sets` by name: "generated" (embedded, no download),
+  "sop", "inaturalist", "inaturalist_full", "dyml_vehicle", "dyml_animal", "dyml_product",
+  "cub", "cub_hierarchy", "cifar100".
+- :func:`prepare` downloads / lays out a real dataset (``hapkit prepare-data NAME --root DIR``).
+- :class:`HierarchicalBatchSampler`, :class:`MPerClassBatchSampler`: seeded batch samplers
+  with resume.
+- :func:`hapkit.data.transforms.build_transforms`: the official and the generated-data transforms.
+"""
+
+from hapkit.data.base import (
+    AnnotationError,
+    DataError,
+    DatasetNotFoundError,
+    EvalSet,
+    HierarchicalDataset,
+    ImageFileDataset,
+    ImageReadError,
+    InMemoryImageDataset,
+)
+from hapkit.data.preparation import prepare
+from hapkit.data.registry import DATASETS, dataset_info, dataset_names, get_dataset, get_eval_sets
+from hapkit.data.samplers import HierarchicalBatchSampler, MPerClassBatchSampler
+from hapkit.data.transforms import build_transforms
+
+__all__ = [
+    "get_dataset",
+    "get_eval_sets",
+    "prepare",
+    "dataset_names",
+    "dataset_info",
+    "DATASETS",
+    "HierarchicalDataset",
+    "ImageFileDataset",
+    "InMemoryImageDataset",
+    "EvalSet",
+    "HierarchicalBatchSampler",
+    "MPerClassBatchSampler",
+    "build_transforms",
+    "DataError",
+    "DatasetNotFoundError",
+    "AnnotationError",
+    "ImageReadError",
+]
