@@ -14,7 +14,7 @@ case) the surrogate is
     H-rank(q, k)  = sum_{j, s_qj >= s_qk} min(rel_k, rel_j)          (j = k included)
     H-AP~(q)      = sum_k H-rank(q, k) / rank~(q, k) / sum_k rel_k
 
-Written as in the reference code this needs (Q, M, M) tensors: 6.9 GB at a batch of 512. Here
+Written as in the reference code this needs (Q, M, M) tensors, gigabytes at a batch of 512. Here
 the exact parts are counts obtained by sorting (the exact step carries no gradient), and only the
 upper-step sums touch pairs, in chunks that fit in cache, through an autograd Function whose
 backward recomputes the pairs instead of storing them. Peak memory is O(Q * M) and the pair work
@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.function import once_differentiable
 
+from hapkit.losses.base import LossInputs, NoPositiveError
+
 __all__ = [
     "sigmoid_step",
     "upper_step",
@@ -39,6 +41,8 @@ __all__ = [
     "exact_level_counts",
     "smooth_hap",
     "float32_compute",
+    "check_has_positive",
+    "reduce_queries",
 ]
 
 # Elements per pair tensor in a chunk: 2**18 float32 = 1 MiB, small enough to stay in cache on a
@@ -62,11 +66,12 @@ def upper_step(
     offset: float = 1.44,
     paper_branch: bool = False,
 ) -> torch.Tensor:
-    """SupRank/ROADMAP step, >= the Heaviside step everywhere, so smoothed ranks bound true ranks.
+    """SupRank/ROADMAP step: >= the Heaviside step, so smoothed ranks bound true ranks.
 
     d <= 0: sigmoid_tau(d); 0 < d <= delta: start + sigmoid_tau(d); d > delta: linear with slope
     rho, rho * (d - delta) + offset (``paper_branch=True``: rho * d + offset, the branch the
-    ROADMAP paper's numbers were trained with).
+    ROADMAP paper's numbers were trained with). The bound needs start >= 0.5 (defaults); HAPPIER's
+    iNaturalist config (start = 0, offset = 1) dips below 1 on (0, delta].
     """
     sig = sigmoid_step(d, tau)
     lin = rho * (d if paper_branch else d - delta) + offset
@@ -99,7 +104,8 @@ def heaviside_step(d: torch.Tensor) -> torch.Tensor:
 class UpperStep:
     """Parameters of :func:`upper_step`; defaults are HAPPIER's SOP config and ROADMAP's.
 
-    iNaturalist configs of HAPPIER use ``start=0.0, offset=1.0``.
+    iNaturalist configs of HAPPIER use ``start=0.0, offset=1.0`` (then the step is not an upper
+    bound of the Heaviside step on (0, delta], nor the surrogate a bound of the metric).
     """
 
     tau: float = 0.01
@@ -346,3 +352,23 @@ def float32_compute(device: torch.device):
         return torch.autocast(device_type=device.type, enabled=False)
     except RuntimeError:  # a device type without autocast support: nothing to disable
         return contextlib.nullcontext()
+
+
+def check_has_positive(levels: torch.Tensor, inputs: LossInputs, loss_name: str, what: str) -> None:
+    """Raise :class:`NoPositiveError` when no query has a positive other than itself."""
+    n_pos = (levels >= 1).sum(1)
+    if inputs.same_set:
+        n_pos = n_pos - (levels.diagonal() >= 1).long()
+    if not bool((n_pos > 0).any()):
+        raise NoPositiveError(
+            f"{loss_name}: no query in this batch has a positive ({what}) other than itself, so "
+            f"there is nothing to rank. The sampler must put several images of each class in a "
+            f"batch (e.g. pytorch_metric_learning.samplers.MPerClassSampler with m >= 2, or "
+            f"hapkit.data.samplers.HierarchicalBatchSampler)."
+        )
+
+
+def reduce_queries(per_query: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """1 - mean surrogate over the queries that have at least one relevant item."""
+    has_relevant = total > 0
+    return 1.0 - (per_query * has_relevant).sum() / has_relevant.sum()
