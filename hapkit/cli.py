@@ -1,0 +1,302 @@
+"""Command line: ``hapkit train | evaluate | reproduce | prepare-data | recipes``.
+
+Every command works out of the box on the embedded generated dataset, on a CPU:
+
+    hapkit recipes                                  # what can be trained
+    hapkit train --recipe happier --dataset generated --out runs/happier
+    hapkit evaluate --checkpoint runs/happier/checkpoint.pt
+    hapkit reproduce                                # HAPPIER vs SupAP vs Smooth-AP vs HPL table
+    hapkit reproduce --notebooks                    # every notebook, then the table
+
+``python -m hapkit`` is the same program.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+EPILOG = "Run `hapkit <command> --help` for the options of one command."
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a model from a recipe",
+        description=(
+            "Train an embedding model from a recipe (a YAML file in hapkit/recipes, see "
+            "`hapkit recipes`). The run directory receives config.yaml (the resolved recipe), "
+            "metrics.jsonl (one line per epoch) and checkpoint.pt (updated every epoch). "
+            "Several GPUs: launch with `torchrun --nproc_per_node=N -m hapkit train ...`."
+        ),
+        epilog="example: hapkit train --recipe happier --dataset generated --set train.epochs=5",
+    )
+    p.add_argument("--recipe", required=True,
+                   help="recipe name (e.g. happier_sop), a method with --dataset (e.g. happier), or a YAML path")
+    p.add_argument("--dataset", default=None, help="dataset to pair with a method name (generated, sop, inat_base, ...)")
+    p.add_argument("--data-root", default=None, help="folder holding the prepared dataset (see `hapkit prepare-data`)")
+    p.add_argument("--out", default=None, help="run directory (default: runs/<recipe>-seed<seed>)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe value, e.g. --set optim.lr=1e-5 --set train.epochs=3 (repeatable)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (same as --set seed=N)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its checkpoint (starts fresh if there is none)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="evaluate a trained checkpoint",
+        description=(
+            "Embed the eval sets of the checkpoint's dataset with its model and print every "
+            "retrieval metric (H-AP, ASI, NDCG, AP, mAP@R, R@k per level)."
+        ),
+    )
+    p.add_argument("--checkpoint", required=True, help="checkpoint.pt written by `hapkit train`")
+    p.add_argument("--data-root", default=None, help="dataset folder, if not the one used for training")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    p.add_argument("--json", default=None, help="also write the metrics to this JSON file")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _add_reproduce(sub) -> None:
+    p = sub.add_parser(
+        "reproduce",
+        help="run the training notebook over methods x datasets x seeds and tabulate the results",
+        description=(
+            "Execute notebooks/03_training.ipynb with papermill once per (method, dataset, seed), "
+            "each run in its own directory under OUT/runs (runs that already finished are skipped), "
+            "then write OUT/summary.csv and OUT/summary.md: mean +/- std of every metric beside the "
+            "published numbers. The default grid (HAPPIER, SupAP, Smooth-AP, HPL on the generated "
+            "dataset, one seed) takes about ten minutes on two CPU cores."
+        ),
+        epilog="example: hapkit reproduce --methods happier supap --datasets sop --data-root data/sop --seeds 3",
+    )
+    p.add_argument("--methods", nargs="+", default=None, help="methods (default: happier supap smoothap hpl)")
+    p.add_argument("--datasets", nargs="+", default=None, help="datasets (default: generated)")
+    p.add_argument("--seeds", type=int, default=1, help="number of seeds per (method, dataset), 0..N-1 (default 1)")
+    p.add_argument("--data-root", default=None, help="dataset folder passed to every run")
+    p.add_argument("--out", default="results", help="results folder (default: results)")
+    p.add_argument("--jobs", type=int, default=1, help="runs executed in parallel (default 1)")
+    p.add_argument("--epochs", type=int, default=None, help="override every recipe's number of epochs")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="recipe override passed to every run (repeatable)")
+    p.add_argument("--force", action="store_true", help="re-run runs that already finished")
+    p.add_argument("--notebooks", action="store_true",
+                   help="first execute every notebook in notebooks/ into OUT/notebooks, then the grid")
+    p.add_argument("--notebook", default=None, help="training notebook to run (default: notebooks/03_training.ipynb)")
+    p.add_argument("--timeout", type=int, default=None, help="seconds a notebook cell may run (default: no limit)")
+
+
+def _add_prepare(sub) -> None:
+    p = sub.add_parser(
+        "prepare-data",
+        help="check (and lay out) a dataset for training",
+        description=(
+            "Prepare dataset NAME in ROOT: the generated dataset is built on the spot; real "
+            "datasets (sop, inaturalist, dyml, cub, ...) must be downloaded first, and the error "
+            "message says which data_scripts command does it."
+        ),
+    )
+    p.add_argument("name", help="dataset name, e.g. generated, sop, inat_base, dyml_vehicle, cub")
+    p.add_argument("--root", default=None, help="folder for the dataset")
+
+
+def _add_recipes(sub) -> None:
+    p = sub.add_parser(
+        "recipes",
+        help="list the bundled training recipes",
+        description="List the bundled recipes (<method>_<dataset>) with a one-line description.",
+    )
+    p.add_argument("--method", default=None, help="only recipes of this method")
+    p.add_argument("--dataset", default=None, help="only recipes for this dataset")
+    p.add_argument("--show", default=None, metavar="NAME", help="print one recipe, fully resolved, as YAML")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hapkit",
+        description=(
+            "hapkit: hierarchical image retrieval (H-AP, HAPPIER, ROADMAP/SupRank, listwise AP, "
+            "hierarchical proxy losses). Train, evaluate and reproduce results; everything runs on "
+            "the embedded generated dataset without a GPU."
+        ),
+        epilog=EPILOG,
+    )
+    from hapkit import __version__
+
+    parser.add_argument("--version", action="version", version=f"hapkit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in (_add_train, _add_evaluate, _add_reproduce, _add_prepare, _add_recipes):
+        add(sub)
+    return parser
+
+
+# ------------------------------------------------------------------------------- commands
+
+
+def _cmd_train(args) -> int:
+    from hapkit.engine import Trainer
+    from hapkit.recipes import load_recipe
+
+    overrides = list(args.overrides)
+    if args.seed is not None:
+        overrides.append(f"seed={args.seed}")
+    cfg = load_recipe(args.recipe, args.dataset, overrides)
+    trainer = Trainer(cfg, out_dir=args.out, data_root=args.data_root, progress=not args.no_progress)
+
+    def stop(signum, frame):  # preemption (SLURM, spot instances): checkpoint and exit cleanly
+        print(f"signal {signum}: checkpointing and stopping", file=sys.stderr)
+        trainer.request_stop()
+
+    for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
+        if sig is not None:
+            signal.signal(sig, stop)
+    from hapkit.distributed import shutdown_distributed
+
+    try:
+        result = trainer.fit(resume=args.resume)
+    finally:
+        shutdown_distributed()
+    if trainer.dist.is_main:
+        if result.interrupted:
+            print(f"stopped at step {result.global_step}; resume with: hapkit train --recipe {args.recipe}"
+                  + (f" --dataset {args.dataset}" if args.dataset else "") + f" --out {result.run_dir} --resume")
+        _print_metrics(result.metrics)
+        print(f"run directory: {result.run_dir}")
+    return 0
+
+
+def _print_metrics(metrics: dict) -> None:
+    if not metrics:
+        return
+    width = max(len(k) for k in metrics)
+    for k, v in metrics.items():
+        print(f"{k:<{width}}  {100 * v:7.2f}")
+
+
+def _cmd_evaluate(args) -> int:
+    import dataclasses
+
+    import torch
+
+    from hapkit.checkpoint import load_checkpoint
+    from hapkit.config import Recipe, from_dict
+    from hapkit.distributed import _pick_device
+    from hapkit.engine import evaluate_model, resolve_amp
+    from hapkit.models import build_model
+
+    state = load_checkpoint(args.checkpoint)
+    cfg = from_dict(Recipe, state["recipe"])
+    if args.data_root:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=args.data_root))
+    device = _pick_device(args.device, 0)
+    # the checkpoint holds the weights: never fetch ImageNet weights here
+    model = build_model(dataclasses.replace(cfg.model, pretrained=False))
+    model.load_state_dict(state["model"])
+    model.to(device).eval()
+    from hapkit.data import get_eval_sets
+    from hapkit.data.transforms import build_transforms
+
+    d = cfg.data
+    transform = build_transforms(d.transform, train=False, resize=d.resize, crop=d.crop)
+    sets = get_eval_sets(d.dataset, root=d.root, transform=transform)
+    with torch.no_grad():
+        metrics = evaluate_model(
+            model, sets, batch_size=cfg.data.eval_batch_size, num_workers=cfg.data.num_workers,
+            device=device, amp=resolve_amp(cfg.train.amp, device) is not None,
+            metrics=cfg.eval.metrics, max_items=cfg.eval.max_items, progress=not args.no_progress,
+        )
+    _print_metrics(metrics)
+    if args.json:
+        Path(args.json).write_text(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _cmd_reproduce(args) -> int:
+    from hapkit import reproduce
+
+    kwargs = dict(
+        methods=args.methods, datasets=args.datasets, seeds=args.seeds, data_root=args.data_root,
+        out=args.out, jobs=args.jobs, epochs=args.epochs, overrides=args.overrides, force=args.force,
+        notebook=args.notebook, timeout=args.timeout,
+    )
+    if args.notebooks:
+        summary = reproduce.reproduce_all(**kwargs)
+    else:
+        summary = reproduce.run_grid(**kwargs)
+    print(reproduce.format_markdown(summary))
+    print(f"\nwritten: {Path(args.out) / 'summary.csv'} and {Path(args.out) / 'summary.md'}")
+    return 0
+
+
+def _cmd_prepare(args) -> int:
+    from hapkit.data import DataError, prepare
+
+    try:
+        where = prepare(args.name, args.root)
+    except DataError as e:  # manual download needed, checksum mismatch, ...: the message says what to do
+        print(f"hapkit prepare-data: {e}", file=sys.stderr)
+        return 2
+    print(f"{args.name} is ready" + (f" in {where}" if where else ""))
+    return 0
+
+
+def _cmd_recipes(args) -> int:
+    import yaml
+
+    from hapkit.config import to_dict
+    from hapkit.recipes import list_recipes, load_recipe, read_recipe_dict
+
+    if args.show:
+        print(yaml.safe_dump(to_dict(load_recipe(args.show)), sort_keys=False), end="")
+        return 0
+    rows = []
+    for name in list_recipes():
+        data = read_recipe_dict(name)
+        method = data.get("method") or name.rsplit("_", 1)[0]
+        dataset = data.get("data", {}).get("dataset", "")
+        if args.method and method != args.method:
+            continue
+        if args.dataset and dataset != args.dataset:
+            continue
+        rows.append((name, data.get("description", "")))
+    width = max((len(n) for n, _ in rows), default=0)
+    for name, desc in rows:
+        print(f"{name:<{width}}  {desc}")
+    return 0
+
+
+COMMANDS = {
+    "train": _cmd_train,
+    "evaluate": _cmd_evaluate,
+    "reproduce": _cmd_reproduce,
+    "prepare-data": _cmd_prepare,
+    "recipes": _cmd_recipes,
+}
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    from hapkit.config import ConfigError
+
+    try:
+        return COMMANDS[args.command](args)
+    except (ConfigError, FileNotFoundError) as e:
+        # bad recipe values, missing datasets or checkpoints: the message says what to do
+        print(f"hapkit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

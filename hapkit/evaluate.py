@@ -1,0 +1,521 @@
+"""Embedding extraction and streaming, exact retrieval evaluation.
+
+``evaluate(embeddings, labels)`` ranks every item against all the others (same-set protocol: the
+query is left out of its own gallery) and computes every metric of :mod:`hapkit.metrics` at every
+level, a chunk of queries at a time: memory is O(chunk_size * N), never N x N. Pass
+``gallery_embeddings`` / ``gallery_labels`` for the query/gallery protocol (DyML) and
+``distractor_embeddings`` for extra gallery items related to no query (V = 0).
+
+Result names (``RetrievalResults.summary`` and the columns of ``.per_query``), c = label column
+(0 = finest), v = shared level (1..L, L = same fine class):
+
+========== ==================================================================================
+``H-AP``   hierarchical AP over all levels (HAPPIER), relevance ``relevance`` / ``alpha``
+``ASI``    average set intersection over all levels
+``NDCG``   NDCG with gain 2**V - 1 over the whole ranking
+``AP@c``   binary AP at level c (positives: same label in column c)
+``mAP@R@c`` mAP@R at level c
+``R@k@c``  recall rate at k at level c, for every k in ``ks``
+``P@1@c``  precision at 1 at level c
+``AP#v``   AP of shared level v alone (items sharing more than v levels removed)
+========== ==================================================================================
+
+Reference semantics kept (SPEC.md): in the same-set protocol the relevance counts the query
+itself at level L (``count_query=True``), as the HAPPIER evaluation does, so that published numbers
+are comparable.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from hapkit.hierarchy import LabelError, as_label_tensor, check_tree, relevance as relevance_fn, shared_levels
+from hapkit.metrics import RankedRelevant, Workspace, rank_relevant
+
+__all__ = ["evaluate", "RetrievalResults", "extract_embeddings", "METRIC_FAMILIES", "metric_names"]
+
+METRIC_FAMILIES = ("H-AP", "ASI", "NDCG", "AP", "mAP@R", "R@k", "P@1", "AP#")
+_TOPK_FAMILIES = frozenset({"R@k", "P@1"})
+
+# Query x gallery pairs per chunk. Working memory is about 40 bytes per pair plus ~200 per
+# (query, relevant item): ~350 MB on CPU for 20,000 items; few large operations are also what a
+# busy CPU runs best. GPUs take bigger chunks.
+_CPU_CHUNK_ELEMENTS = 2**23
+_CUDA_CHUNK_ELEMENTS = 2**26
+
+
+@dataclass
+class RetrievalResults:
+    """Result of :func:`evaluate`.
+
+    Attributes:
+        summary: flat ``{name: mean over queries}`` (names in the module docstring); a query with
+            no positive for a metric is left out of that metric's mean.
+        per_query: one row per query (index: the query's position), same column names; NaN where
+            the query was left out. Sort it to find failure cases.
+        num_queries: number of queries evaluated.
+        skipped: ``{name: number of queries left out}`` for the metrics that left some out.
+        settings: the protocol and options used.
+    """
+
+    summary: dict[str, float]
+    per_query: pd.DataFrame
+    num_queries: int
+    skipped: dict[str, int] = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)
+
+    def to_frame(self) -> pd.DataFrame:
+        """The summary as a one-row DataFrame (convenient to concatenate runs)."""
+        return pd.DataFrame([self.summary])
+
+    def __getitem__(self, name: str) -> float:
+        return self.summary[name]
+
+    def __repr__(self) -> str:
+        width = max((len(k) for k in self.summary), default=0)
+        lines = [f"RetrievalResults({self.num_queries} queries, {self.settings.get('protocol', '?')} protocol)"]
+        lines += [f"  {k:<{width}}  {v * 100:7.3f}" for k, v in self.summary.items()]
+        if self.skipped:
+            lines.append("  queries left out (no positive): " + ", ".join(f"{k}: {n}" for k, n in self.skipped.items()))
+        return "\n".join(lines)
+
+
+def metric_names(num_levels: int, metrics=None, levels=None, ks: Sequence[int] = (1, 4, 16)) -> list[str]:
+    """The summary names :func:`evaluate` produces for these options, in order."""
+    fams = _resolve_metrics(metrics)
+    cols = _resolve_levels(levels, num_levels)
+    ks = _resolve_ks(ks)
+    names = [f for f in ("H-AP", "ASI", "NDCG") if f in fams]
+    for c in cols:
+        if "AP" in fams:
+            names.append(f"AP@{c}")
+        if "mAP@R" in fams:
+            names.append(f"mAP@R@{c}")
+        if "P@1" in fams:
+            names.append(f"P@1@{c}")
+        if "R@k" in fams:
+            names += [f"R@{k}@{c}" for k in ks]
+    if "AP#" in fams:
+        names += [f"AP#{v}" for v in range(1, num_levels + 1)]
+    return names
+
+
+# ----------------------------------------------------------------------------------------------
+# Argument checks
+
+
+def _resolve_metrics(metrics) -> set[str]:
+    if metrics is None:
+        return set(METRIC_FAMILIES)
+    if isinstance(metrics, str):
+        metrics = [metrics]
+    out = set()
+    for m in metrics:
+        fam = "AP#" if str(m).startswith("AP#") else ("R@k" if str(m).startswith("R@") else str(m))
+        if fam not in METRIC_FAMILIES:
+            raise ValueError(f"unknown metric {m!r}; choose among {list(METRIC_FAMILIES)}")
+        out.add(fam)
+    if not out:
+        raise ValueError(f"metrics is empty; choose among {list(METRIC_FAMILIES)} (or None for all)")
+    return out
+
+
+def _resolve_levels(levels, num_levels: int) -> list[int]:
+    if levels is None:
+        return list(range(num_levels))
+    if isinstance(levels, int):
+        levels = [levels]
+    out = []
+    for c in levels:
+        c = int(c)
+        if not -num_levels <= c < num_levels:
+            raise ValueError(f"level {c} does not exist: the labels have {num_levels} level(s), 0 (finest) .. {num_levels - 1}")
+        out.append(c % num_levels)
+    return sorted(set(out))
+
+
+def _resolve_ks(ks) -> list[int]:
+    if isinstance(ks, int):
+        ks = [ks]
+    ks = sorted({int(k) for k in ks})
+    if not ks or ks[0] < 1:
+        raise ValueError(f"ks must be positive integers, got {ks}")
+    return ks
+
+
+def _as_embeddings(x, name: str) -> torch.Tensor:
+    t = torch.as_tensor(x) if not isinstance(x, torch.Tensor) else x
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be a 2-D (N, D) array, got shape {tuple(t.shape)}")
+    if not t.dtype.is_floating_point:
+        raise ValueError(f"{name} must be floating point, got {t.dtype}")
+    bad = ~torch.isfinite(t)
+    if bool(bad.any()):
+        rows = bad.any(1).nonzero().flatten()
+        raise ValueError(
+            f"{name} contain {int(bad.sum())} non-finite value(s) (NaN/inf) in {rows.numel()} of {t.shape[0]} "
+            f"row(s), first at row {int(rows[0])}; a ranking of them is undefined. Check the model "
+            f"(diverged training, fp16 overflow) or drop those rows."
+        )
+    return t
+
+
+def _counts_at_levels(q_labels: torch.Tensor, g_labels: torch.Tensor, same_set: bool) -> torch.Tensor:
+    """(Q, L) number of gallery items sharing each query's label in each column."""
+    out = []
+    for c in range(q_labels.shape[1]):
+        size = int(max(q_labels[:, c].max(), g_labels[:, c].max())) + 1
+        per_class = torch.bincount(g_labels[:, c], minlength=size)
+        out.append(per_class[q_labels[:, c]] - int(same_set))
+    return torch.stack(out, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Nearest neighbours (top-k metrics only)
+
+
+def _faiss():
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return None
+    return faiss
+
+
+def _exact_topk_torch(scores: torch.Tensor, k: int, exclude: torch.Tensor | None) -> torch.Tensor:
+    """(Q, k) gallery indices of the first k items (ties: lower index first), -1 padded."""
+    Q, G = scores.shape
+    masked = scores
+    if exclude is not None:
+        masked = scores.clone()
+        masked[torch.arange(Q, device=scores.device), exclude] = -math.inf
+    k_eff = min(k, G - (exclude is not None))
+    out = torch.full((Q, k), -1, dtype=torch.int64, device=scores.device)
+    if k_eff <= 0:
+        return out
+    tau = masked.topk(k_eff, dim=1).values[:, -1:]
+    # Everything scoring at least the k-th value; the exact ranking among them settles ties.
+    rr = rank_relevant(scores, scores >= tau, exclude=exclude, check=False)
+    rows, cols = (rr.rank <= k_eff).nonzero(as_tuple=True)
+    out[rows, rr.rank[rows, cols] - 1] = rr.item[rows, cols]
+    return out
+
+
+def _topk_faiss(faiss, index, queries: torch.Tensor, gallery: torch.Tensor, k: int, exclude: torch.Tensor | None) -> torch.Tensor:
+    """Top-k with faiss (inner product); rows with a tie among the scores that decide the top k
+    are recomputed exactly with torch so that ties still go to the lower index."""
+    Q = queries.shape[0]
+    G = index.ntotal
+    extra = 1 if exclude is not None else 0
+    k_search = min(k + extra + 1, G)
+    D, I = index.search(np.ascontiguousarray(queries.float().cpu().numpy()), k_search)
+    D = torch.from_numpy(D)
+    I = torch.from_numpy(I)
+    if exclude is not None:
+        keep = I != exclude.cpu()[:, None]
+        # Move the query itself (when found) to the end, keeping the order of the others.
+        order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
+        D, I = D.gather(1, order), I.gather(1, order)
+        n_valid = keep.sum(1)
+    else:
+        n_valid = torch.full((Q,), k_search, dtype=torch.int64)
+    k_eff = min(k, G - extra)
+    cols = torch.arange(D.shape[1])
+    valid = cols[None, :] < n_valid[:, None]
+    # A tie between two of the first k_eff + 1 valid scores may be ordered arbitrarily by faiss.
+    decide = valid & (cols[None, :] <= k_eff)
+    tie = torch.zeros(Q, dtype=torch.bool)
+    if D.shape[1] > 1:
+        tie = ((D[:, 1:] == D[:, :-1]) & decide[:, 1:]).any(1)
+    out = torch.full((Q, k), -1, dtype=torch.int64)
+    n_take = min(k_eff, I.shape[1])
+    out[:, :n_take] = I[:, :n_take]
+    if bool(tie.any()):
+        rows = tie.nonzero().flatten()
+        sub = queries[rows.to(queries.device)] @ gallery.T
+        ex = exclude[rows.to(exclude.device)] if exclude is not None else None
+        out[rows] = _exact_topk_torch(sub, k, ex).cpu()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-chunk metrics
+
+
+def _full_chunk_metrics(rr: RankedRelevant, fams, cols, ks, L, rel_kwargs) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    if "H-AP" in fams:
+        # Relevance only depends on each query's level counts, so the (Q, R) levels of the relevant
+        # items suffice (their padding is level 0, whose count no relevance kind uses).
+        rel = relevance_fn(rr.level, L, dtype=torch.float64, **rel_kwargs)
+        out["H-AP"] = rr.h_average_precision(rel, check=False)
+    if "ASI" in fams:
+        out["ASI"] = rr.asi()
+    if "NDCG" in fams:
+        out["NDCG"] = rr.ndcg()
+    for c in cols:
+        m = L - c  # tree labels: same label in column c <=> at least L - c shared levels
+        if "AP" in fams:
+            out[f"AP@{c}"] = rr.average_precision(m)
+        if "mAP@R" in fams:
+            out[f"mAP@R@{c}"] = rr.map_at_r(m)
+        if "P@1" in fams:
+            out[f"P@1@{c}"] = rr.precision_at_k((1,), m)[1]
+        if "R@k" in fams:
+            for k, r in rr.recall_at_k(ks, m).items():
+                out[f"R@{k}@{c}"] = r
+    if "AP#" in fams:
+        for v in range(1, L + 1):
+            out[f"AP#{v}"] = rr.ap_exclusive(v)
+    return out
+
+
+def _topk_chunk_metrics(neighbours, q_labels, g_labels_ext, has_pos, fams, cols, ks, L) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    valid = neighbours >= 0
+    nb_labels = g_labels_ext[neighbours.clamp(min=0)]  # (Q, k, L); distractor rows are -1
+    for c in cols:
+        hit = (nb_labels[:, :, c] == q_labels[:, None, c]) & valid
+        empty = has_pos[:, c] == 0
+        nan = torch.full(hit.shape[:1], float("nan"), dtype=torch.float64)
+        if "P@1" in fams:
+            out[f"P@1@{c}"] = torch.where(empty, nan, hit[:, 0].to(torch.float64))
+        if "R@k" in fams:
+            for k in ks:
+                out[f"R@{k}@{c}"] = torch.where(empty, nan, hit[:, :k].any(1).to(torch.float64))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The evaluation
+
+
+def evaluate(
+    embeddings,
+    labels,
+    *,
+    gallery_embeddings=None,
+    gallery_labels=None,
+    distractor_embeddings=None,
+    metrics=None,
+    levels=None,
+    relevance: str = "pop",
+    alpha: float = 1.0,
+    weights: Sequence[float] | None = None,
+    ks: Sequence[int] = (1, 4, 16),
+    chunk_size: int | None = None,
+    device=None,
+    progress: bool = True,
+    use_faiss: bool | None = None,
+) -> RetrievalResults:
+    """Exact retrieval metrics of embeddings, streamed over chunks of queries.
+
+    Args:
+        embeddings: (N, D) query embeddings (cosine similarity = dot product: L2-normalise them).
+        labels: (N, L) integer tree labels, finest level first (1-D: one level).
+        gallery_embeddings, gallery_labels: a separate gallery (query/gallery protocol). Without
+            them every item is ranked against all the others (same-set protocol).
+        distractor_embeddings: (M, D) extra gallery items related to no query (V = 0).
+        metrics: subset of :data:`METRIC_FAMILIES` (``"H-AP", "ASI", "NDCG", "AP", "mAP@R", "R@k",
+            "P@1", "AP#"``); None = all.
+        levels: label columns for the binary metrics (0 = finest); None = all.
+        relevance, alpha, weights: H-AP relevance (:func:`hapkit.hierarchy.relevance`), default
+            ``pop`` with alpha 1 as in every official HAPPIER config; ``weights`` for ``map``.
+        ks: the k of R@k (default 1, 4, 16).
+        chunk_size: queries per chunk (default: about 8M query x gallery pairs on CPU, 64M on GPU).
+        device: where to compute (default: the embeddings' device).
+        progress: show a tqdm progress bar.
+        use_faiss: nearest neighbours by faiss (inner product) when only top-k metrics (R@k, P@1)
+            are asked; None = when faiss is installed and the computation runs on CPU. Other
+            metrics need the full ranking and always use the exact torch path.
+
+    Returns:
+        :class:`RetrievalResults`. Ties in scores are broken by gallery index (the lower first).
+        Queries without any positive for a metric are left out of its mean and counted in
+        ``.skipped`` (a warning says so).
+    """
+    q_emb = _as_embeddings(embeddings, "embeddings")
+    q_lab = as_label_tensor(labels, "labels")
+    if q_lab.shape[0] != q_emb.shape[0]:
+        raise ValueError(f"embeddings has {q_emb.shape[0]} rows but labels has {q_lab.shape[0]}; give one label row per embedding")
+    same_set = gallery_embeddings is None and gallery_labels is None
+    if same_set:
+        g_emb, g_lab = q_emb, q_lab
+    else:
+        if gallery_embeddings is None or gallery_labels is None:
+            raise ValueError("give both gallery_embeddings and gallery_labels (query/gallery protocol), or neither (same-set protocol)")
+        g_emb = _as_embeddings(gallery_embeddings, "gallery_embeddings")
+        g_lab = as_label_tensor(gallery_labels, "gallery_labels")
+        if g_lab.shape[0] != g_emb.shape[0]:
+            raise ValueError(f"gallery_embeddings has {g_emb.shape[0]} rows but gallery_labels has {g_lab.shape[0]}")
+        if g_lab.shape[1] != q_lab.shape[1]:
+            raise LabelError(f"labels have {q_lab.shape[1]} level(s) but gallery_labels have {g_lab.shape[1]}")
+        # Queries and gallery must form one tree, or "same label in column c" and V disagree.
+        check_tree(torch.cat([q_lab, g_lab]), name="labels and gallery_labels together")
+    if g_emb.shape[1] != q_emb.shape[1]:
+        raise ValueError(f"query embeddings have dimension {q_emb.shape[1]} but gallery embeddings {g_emb.shape[1]}")
+    d_emb = None
+    if distractor_embeddings is not None:
+        d_emb = _as_embeddings(distractor_embeddings, "distractor_embeddings")
+        if d_emb.shape[1] != q_emb.shape[1]:
+            raise ValueError(f"distractor_embeddings have dimension {d_emb.shape[1]}, embeddings {q_emb.shape[1]}")
+
+    L = q_lab.shape[1]
+    fams = _resolve_metrics(metrics)
+    cols = _resolve_levels(levels, L)
+    ks = _resolve_ks(ks)
+    rel_kwargs = dict(kind=relevance, alpha=alpha, weights=weights, count_query=same_set)
+    if "H-AP" in fams:  # fail now on a bad relevance option, not after the first chunk
+        relevance_fn(torch.zeros(1, 1, dtype=torch.uint8), L, **{**rel_kwargs, "count_query": False})
+
+    dev = torch.device(device) if device is not None else q_emb.device
+    dtype = torch.promote_types(torch.promote_types(q_emb.dtype, g_emb.dtype), torch.float32)
+    gallery = g_emb.to(dev, dtype)
+    if d_emb is not None:
+        gallery = torch.cat([gallery, d_emb.to(dev, dtype)])
+    n_main = g_emb.shape[0]
+    g_lab_dev = g_lab.to(dev)
+    Q, G = q_emb.shape[0], gallery.shape[0]
+    if Q == 0:
+        raise ValueError("no query to evaluate (embeddings is empty)")
+    if G - int(same_set) <= 0:
+        raise ValueError("the gallery is empty: the same-set protocol needs at least two items")
+
+    topk_only = fams <= _TOPK_FAMILIES
+    faiss = _faiss()
+    if use_faiss and faiss is None:
+        raise ImportError("use_faiss=True but faiss is not installed: pip install faiss-cpu (or faiss-gpu)")
+    if use_faiss is None:
+        use_faiss = faiss is not None and dev.type == "cpu"
+    use_faiss = bool(use_faiss) and topk_only
+    k_needed = max(ks) if "R@k" in fams else 1
+    index = None
+    if use_faiss:
+        index = faiss.IndexFlatIP(gallery.shape[1])
+        index.add(np.ascontiguousarray(gallery.float().cpu().numpy()))
+    has_pos = g_lab_ext = None
+    if topk_only:
+        has_pos = _counts_at_levels(q_lab, g_lab, same_set)
+        g_lab_ext = torch.cat([g_lab, torch.full((G - n_main, L), -1, dtype=torch.int64)])
+
+    if chunk_size is None:
+        per = _CUDA_CHUNK_ELEMENTS if dev.type == "cuda" else _CPU_CHUNK_ELEMENTS
+        chunk_size = max(1, per // G)
+    chunk_size = int(chunk_size)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+
+    names = metric_names(L, fams, cols, ks)
+    # Filled in place: small per-chunk tensors kept alive between the large temporary ones would
+    # fragment the CPU heap and make the memory footprint grow chunk after chunk.
+    values_out = torch.full((len(names), Q), float("nan"), dtype=torch.float64)
+    workspace = Workspace()
+    starts = range(0, Q, chunk_size)
+    for start in tqdm(starts, desc="evaluate", unit="chunk", disable=not progress, leave=False):
+        stop = min(start + chunk_size, Q)
+        q = q_emb[start:stop].to(dev, dtype)
+        exclude = torch.arange(start, stop, device=dev) if same_set else None
+        if topk_only:
+            if use_faiss:
+                nb = _topk_faiss(faiss, index, q, gallery, k_needed, exclude)
+            else:
+                nb = _exact_topk_torch(q @ gallery.T, k_needed, exclude).cpu()
+            out = _topk_chunk_metrics(nb, q_lab[start:stop], g_lab_ext, has_pos[start:stop], fams, cols, ks, L)
+        else:
+            scores = torch.mm(q, gallery.T, out=workspace.get("scores", (stop - start, G), dtype, dev))
+            V = shared_levels(q_lab[start:stop].to(dev), g_lab_dev)
+            if G > n_main:
+                V = torch.cat([V, V.new_zeros(V.shape[0], G - n_main)], 1)
+            rr = rank_relevant(scores, V, exclude=exclude, num_levels=L, check=False, workspace=workspace)
+            del scores, V
+            out = _full_chunk_metrics(rr, fams, cols, ks, L, rel_kwargs)
+        for i, name in enumerate(names):
+            values_out[i, start:stop] = out[name]
+        del out
+
+    per_query = pd.DataFrame({n: values_out[i].numpy() for i, n in enumerate(names)})
+    per_query.index.name = "query"
+    summary = {n: float(np.nanmean(per_query[n].to_numpy())) if per_query[n].notna().any() else float("nan") for n in names}
+    missing = per_query.isna().sum()
+    skipped = {n: int(missing[n]) for n in names if missing[n] > 0}
+    if skipped:
+        worst = max(skipped.values())
+        warnings.warn(
+            f"{worst} of {Q} queries have no positive for some metric and are left out of its mean "
+            f"(per metric: {skipped}); see RetrievalResults.skipped and .per_query.",
+            stacklevel=2,
+        )
+    settings = dict(
+        protocol="same-set" if same_set else "query/gallery",
+        num_gallery=G - int(same_set),
+        num_distractors=G - n_main,
+        num_levels=L,
+        relevance=relevance,
+        alpha=alpha,
+        weights=None if weights is None else list(weights),
+        ks=ks,
+        chunk_size=chunk_size,
+        device=str(dev),
+        faiss=bool(use_faiss),
+    )
+    return RetrievalResults(summary=summary, per_query=per_query, num_queries=Q, skipped=skipped, settings=settings)
+
+
+# ----------------------------------------------------------------------------------------------
+# Embedding extraction
+
+
+def _split_batch(batch):
+    if isinstance(batch, dict):
+        for ik, lk in (("image", "label"), ("images", "labels")):
+            if ik in batch and lk in batch:
+                return batch[ik], batch[lk]
+    elif isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[0], batch[1]
+    raise TypeError(
+        "the loader must yield (images, labels) batches (or dicts with 'image' and 'label'), got "
+        f"{type(batch).__name__}"
+    )
+
+
+def extract_embeddings(model, loader, device=None, amp: bool = True, progress: bool = True):
+    """Embed every batch of ``loader`` with ``model``; returns (embeddings, labels).
+
+    Runs in eval mode without gradients (the model's previous mode is restored afterwards), with
+    autocast on CUDA when ``amp`` (CPU runs stay in float32). ``device`` defaults to the device of
+    the model's parameters. Returns a float32 CPU tensor (N, D) and int64 labels (N, L), validated
+    as a tree.
+    """
+    if device is None:
+        p = next(iter(model.parameters()), None)
+        device = p.device if p is not None else torch.device("cpu")
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    embs, labs = [], []
+    try:
+        with torch.no_grad():
+            for batch in tqdm(loader, desc="embeddings", unit="batch", disable=not progress, leave=False):
+                images, labels = _split_batch(batch)
+                images = images.to(device, non_blocking=True)
+                with torch.autocast(device_type=device.type, enabled=bool(amp) and device.type == "cuda"):
+                    out = model(images)
+                embs.append(out.detach().float().cpu())
+                labs.append(torch.as_tensor(labels).cpu())
+    finally:
+        model.train(was_training)
+    if not embs:
+        raise ValueError("the loader yielded no batch")
+    embeddings = torch.cat(embs)
+    labels = as_label_tensor(torch.cat(labs), "labels")
+    if labels.shape[0] != embeddings.shape[0]:
+        raise ValueError(f"the model returned {embeddings.shape[0]} embeddings for {labels.shape[0]} labels")
+    return embeddings, labels

@@ -1,0 +1,157 @@
+"""Batch reproduction: the grid runs a notebook with papermill per (method, dataset, seed), skips
+complete runs, reports failures, and tabulates mean +/- std beside the published numbers.
+
+The papermill tests run a stand-in for the training notebook (same parameters, instant) so that
+they check the machinery in seconds; the real notebook 03 is executed by the notebook tests."""
+
+import json
+import math
+
+import nbformat
+import pandas as pd
+import pytest
+
+from hapkit import reproduce
+from hapkit.cli import main
+from hapkit.reproduce import (
+    collect_runs,
+    format_markdown,
+    headline_metrics,
+    metrics_frame,
+    plan_grid,
+    run_grid,
+    run_notebooks,
+    summarize,
+)
+
+FAKE_BODY = '''
+import json, pathlib
+out = pathlib.Path(output_dir)
+out.mkdir(parents=True, exist_ok=True)
+if recipe == "csl":
+    raise RuntimeError("this run fails on purpose")
+with open(out.parents[2] / "executions.txt", "a") as f:
+    f.write(f"{recipe} {seed}\\n")
+base = {"happier": 0.6, "supap": 0.5}[recipe]
+metrics = {"test/R@1@0": base + 0.02 * seed, "test/AP@0": 0.4, "test/AP@1": base / 2,
+           "test/H-AP": base - 0.1 + 0.01 * seed, "test/ASI": 0.3, "test/NDCG": 0.8, "test/P@1@0": 0.1}
+json.dump({"method": recipe, "dataset": dataset, "seed": seed, "level_names": ["fine", "coarse"],
+           "metrics": metrics, "reported": {"R@1@0": 81.0} if recipe == "happier" else {}},
+          open(out / "metrics.json", "w"))
+'''
+
+PARAMS = '''recipe = "happier"
+dataset = "generated"
+data_root = None
+seed = 0
+epochs = None
+output_dir = None
+overrides = []
+progress = True'''
+
+
+def write_notebook(path, *sources, params=PARAMS):
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells = [nbformat.v4.new_code_cell(params, metadata={"tags": ["parameters"]})]
+    nb.cells += [nbformat.v4.new_code_cell(s) for s in sources]
+    nbformat.write(nb, str(path))
+    return path
+
+
+def test_headline_metrics_prefers_overall_and_orders_levels():
+    m = {"test/R@1@0": 0.5, "test/AP@1": 0.2, "test/AP@0": 0.3, "test/H-AP": 0.4, "test/P@1@0": 0.5}
+    assert headline_metrics(m) == {"R@1": 0.5, "AP@0": 0.3, "AP@1": 0.2, "H-AP": 0.4}
+    dyml = {"fine/AP@0": 0.3, "coarse/AP@0": 0.5, "overall/AP@0": 0.4, "overall/R@1@0": 0.6}
+    assert headline_metrics(dyml) == {"R@1": 0.6, "AP@0": 0.4}
+    assert headline_metrics({}) == {}
+
+
+def test_metrics_frame_names_levels_and_sets():
+    frame = metrics_frame({"a/AP@0": 0.5, "a/H-AP": 0.25, "b/AP@0": 0.125}, ["species", "genus"])
+    assert frame.loc["AP@species", "a"] == 50.0 and frame.loc["AP@species", "b"] == 12.5
+    assert frame.loc["H-AP", "a"] == 25.0 and math.isnan(frame.loc["H-AP", "b"])
+
+
+def test_summary_mean_std_and_markdown():
+    runs = pd.DataFrame([
+        {"method": "happier", "dataset": "sop", "seed": s, "R@1": 0.80 + 0.01 * s, "AP@0": 0.5, "H-AP": 0.6,
+         "duration_s": 10.0, "level_names": ["product", "category"], "reported": {"R@1@0": 81.0}}
+        for s in range(3)
+    ] + [{"method": "supap", "dataset": "sop", "seed": 0, "R@1": 0.79, "AP@0": 0.55, "H-AP": 0.5,
+          "duration_s": 12.0, "level_names": ["product", "category"], "reported": {}}])
+    s = summarize(runs).set_index("method")
+    assert s.loc["happier", "seeds"] == 3
+    assert s.loc["happier", "R@1"] == pytest.approx(81.0)
+    assert s.loc["happier", "R@1 std"] == pytest.approx(1.0)  # sample std of 80, 81, 82
+    assert math.isnan(s.loc["supap", "R@1 std"])
+    assert s.loc["happier", "paper"] == "R@1 81"
+    md = format_markdown(summarize(runs))
+    assert "| happier | sop | 3 | 81.00 ± 1.00 | 50.00 ± 0.00 | 60.00 ± 0.00 | R@1 81 |" in md
+    assert "| supap | sop | 1 | 79.00 | 55.00 | 50.00 |  |" in md
+    assert "Levels of sop: product / category." in md
+
+
+def test_plan_grid_is_seed_major_and_checks_recipes(tmp_path):
+    specs = plan_grid(["happier", "supap"], ["generated"], 2, out=tmp_path, epochs=3, overrides=["optim.lr=1e-3"])
+    assert [s.name for s in specs] == ["happier_generated/seed0", "supap_generated/seed0",
+                                        "happier_generated/seed1", "supap_generated/seed1"]
+    p = specs[-1].parameters
+    assert p["recipe"] == "supap" and p["seed"] == 1 and p["epochs"] == 3 and p["overrides"] == ["optim.lr=1e-3"]
+    assert p["output_dir"] == str((tmp_path / "runs" / "supap_generated" / "seed1").resolve())
+    from hapkit.config import ConfigError
+
+    with pytest.raises(ConfigError, match="no recipe named 'nope_generated'"):
+        plan_grid(["nope"], ["generated"], 1, out=tmp_path)
+
+
+def test_training_notebook_parameters_are_the_ones_the_grid_passes():
+    import papermill
+
+    params = papermill.inspect_notebook(str(reproduce.find_notebook()))
+    spec = plan_grid(["happier"], ["generated"], 1)[0]
+    assert set(spec.parameters) <= set(params)
+    assert params["recipe"]["default"] == '"happier"' and params["dataset"]["default"] == '"generated"'
+
+
+@pytest.mark.slow
+def test_grid_runs_skips_and_reports_failures(tmp_path, capsys):
+    nb = write_notebook(tmp_path / "fake.ipynb", FAKE_BODY)
+    out = tmp_path / "results"
+    summary = run_grid(["happier"], ["generated"], seeds=2, out=out, jobs=2, notebook=nb, progress=False)
+    assert sorted((out / "executions.txt").read_text().split("\n")[:-1]) == ["happier 0", "happier 1"]
+    s = summary.set_index("method")
+    assert s.loc["happier", "R@1"] == pytest.approx(61.0) and s.loc["happier", "R@1 std"] == pytest.approx(2 ** 0.5)
+    assert s.loc["happier", "AP@1"] == pytest.approx(30.0) and s.loc["happier", "seeds"] == 2
+    runs = pd.read_csv(out / "runs.csv")
+    assert len(runs) == 2 and (runs["duration_s"] > 0).all()  # papermill's recorded durations
+    assert set(runs["seed"]) == {0, 1}
+    assert pd.read_csv(out / "summary.csv").shape[0] == 1
+    assert "R@1 81" in (out / "summary.md").read_text()
+    executed = json.loads((out / "runs" / "happier_generated" / "seed1" / "notebook.ipynb").read_text())
+    assert executed["metadata"]["papermill"]["parameters"]["seed"] == 1
+
+    # a second call skips the complete runs (through the command line) ...
+    assert main(["reproduce", "--methods", "happier", "--seeds", "2", "--out", str(out), "--notebook", str(nb)]) == 0
+    assert len((out / "executions.txt").read_text().splitlines()) == 2
+    assert "2 of 2 runs already complete" in capsys.readouterr().out
+    # ... and a failing run is reported after the others are tabulated
+    with pytest.raises(RuntimeError, match=r"(?s)1 run\(s\) failed.*csl_generated/seed0: RuntimeError: this run fails on purpose"):
+        run_grid(["happier", "csl"], ["generated"], seeds=1, out=out, notebook=nb, progress=False)
+    assert len(collect_runs(out)) == 2
+
+
+@pytest.mark.slow
+def test_run_notebooks_executes_every_notebook_once(tmp_path):
+    src = tmp_path / "notebooks"
+    src.mkdir()
+    write_notebook(src / "01_a.ipynb", "x = 1 + 1", params="size = 3")
+    write_notebook(src / "02_b.ipynb", "import pathlib\npathlib.Path(output_dir).mkdir(parents=True)\n"
+                   "(pathlib.Path(output_dir) / 'done.txt').write_text(str(size))",
+                   params="size = 3\noutput_dir = None")
+    outputs = run_notebooks(src, out=tmp_path / "results", progress=False)
+    assert [p.name for p in outputs] == ["01_a.ipynb", "02_b.ipynb"]
+    assert (tmp_path / "results" / "notebooks" / "02_b" / "done.txt").read_text() == "3"
+    stamp = outputs[0].stat().st_mtime_ns
+    run_notebooks(src, out=tmp_path / "results", progress=False)  # complete: not executed again
+    assert outputs[0].stat().st_mtime_ns == stamp
