@@ -150,33 +150,41 @@ class RankedRelevant:
 
     @property
     def at_least(self) -> torch.Tensor:
-        """(num_levels + 2, Q, R) int64: ``at_least[m][q, i]`` = entries of level >= m among the
-        first i + 1 entries of query q (``at_least[num_levels + 1]`` is 0). Its last column holds
-        each query's totals."""
+        """(num_levels + 2, Q, R) float64 counts: ``at_least[m][q, i]`` = entries of level >= m
+        among the first i + 1 entries of query q (``at_least[num_levels + 1]`` is 0); the last
+        column holds each query's totals. Float64 (exact for counts) so that the metrics need no
+        conversion."""
 
         def make():
             Q, r = self.level.shape
-            out = torch.zeros(self.num_levels + 2, Q, r, dtype=torch.int64, device=self.level.device)
+            out = torch.empty(self.num_levels + 2, Q, r, dtype=_F64, device=self.level.device)
+            out[self.num_levels + 1].zero_()
             for v in range(self.num_levels, 0, -1):
-                torch.cumsum(self.level == v, 1, out=out[v])
+                torch.cumsum(self.level == v, 1, dtype=_F64, out=out[v])
                 out[v] += out[v + 1]
+            out[0] = out[1]  # level 0 is padding: "level >= 0" counts the relevant entries too
             return out
 
         return self._memo("at_least", make)
 
     def cumulative(self, v: int) -> torch.Tensor:
-        """(Q, R) int64: entries of level exactly v among the first i + 1 entries."""
-        return self.at_least[v] - self.at_least[v + 1]
+        """(Q, R) float64: entries of level exactly v among the first i + 1 entries."""
+        return self._memo(("cumulative", v), lambda: self.at_least[v] - self.at_least[v + 1])
 
     def totals(self, min_level: int = 1) -> torch.Tensor:
         """(Q,) int64: number of entries of level >= min_level of each query."""
         if self.level.shape[1] == 0:
             return torch.zeros(self.num_queries, dtype=torch.int64, device=self.level.device)
-        return self.at_least[min_level][:, -1]
+        return self.at_least[max(min_level, 0)][:, -1].to(torch.int64)
+
+    @property
+    def rank_f(self) -> torch.Tensor:
+        """``rank`` as float64."""
+        return self._memo("rank_f", lambda: self.rank.to(_F64))
 
     @property
     def inv_rank(self) -> torch.Tensor:
-        return self._memo("inv_rank", lambda: self.rank.to(_F64).reciprocal_())
+        return self._memo("inv_rank", lambda: self.rank_f.reciprocal())
 
     def level_counts(self) -> torch.Tensor:
         """(Q, num_levels + 1) int64: relevant items at exactly each level (column 0 left at 0)."""
@@ -190,12 +198,14 @@ class RankedRelevant:
         return torch.where(empty, torch.full_like(values, float("nan")), values)
 
     # -- binary metrics (positives: level >= min_level) ----------------------------------------
+    def _positive(self, min_level: int) -> torch.Tensor:
+        return self._memo(("positive", min_level), lambda: self.level >= min_level)
+
     def _precisions(self, min_level: int) -> torch.Tensor:
         """#positives up to and including each entry / its rank, 0 where not a positive."""
 
         def make():
-            pos = self.level >= min_level
-            return torch.where(pos, self.at_least[min_level] * self.inv_rank, 0.0)
+            return torch.where(self._positive(min_level), self.at_least[min_level] * self.inv_rank, 0.0)
 
         return self._memo(("precisions", min_level), make)
 
@@ -214,12 +224,16 @@ class RankedRelevant:
 
     def best_positive_rank(self, min_level: int = 1) -> torch.Tensor:
         """Rank of the first positive of each query (int64; gallery_size + 1 where none)."""
-        none = self.gallery_size + 1
-        if self.level.shape[1] == 0:
-            return none
-        pos = self.level >= min_level
-        first = pos.to(torch.int8).argmax(1, keepdim=True)  # entries are sorted by rank
-        return torch.where(self.totals(min_level) > 0, self.rank.gather(1, first).squeeze(1), none)
+
+        def make():
+            none = self.gallery_size + 1
+            if self.level.shape[1] == 0:
+                return none
+            # Entries are sorted by rank: the first positive is where "positives so far" is 1.
+            first = (self.at_least[min_level] == 1).to(torch.int8).argmax(1, keepdim=True)
+            return torch.where(self.totals(min_level) > 0, self.rank.gather(1, first).squeeze(1), none)
+
+        return self._memo(("best", min_level), make)
 
     def recall_at_k(self, ks: Iterable[int] = (1,), min_level: int = 1) -> dict[int, torch.Tensor]:
         """R@k (recall rate): 1 if a positive is among the first k items, for each k."""
@@ -235,7 +249,7 @@ class RankedRelevant:
             if k == 1:
                 hits = (self.best_positive_rank(min_level) == 1).to(_F64)
             else:
-                hits = ((self.level >= min_level) & (self.rank <= k)).sum(1).to(_F64)
+                hits = (self._positive(min_level) & (self.rank <= k)).sum(1).to(_F64)
             out[k] = self._nan_where(hits / k, empty)
         return out
 
@@ -270,8 +284,8 @@ class RankedRelevant:
 
     def ndcg(self) -> torch.Tensor:
         """NDCG with gain 2**level - 1 and discount 1 / log2(1 + rank), over the whole ranking."""
-        gain = torch.exp2(self.level.to(_F64)) - 1.0  # 0 for padding
-        dcg = (gain / torch.log2(1.0 + self.rank.to(_F64))).sum(1)
+        gain = torch.exp2(self.level.to(_F64)).sub_(1.0)  # 0 for padding
+        dcg = gain.div_(torch.log2(self.rank_f + 1.0)).sum(1)
         # The ideal ranking puts the levels in decreasing order: level v fills the positions after
         # every item of a higher level, so its discounts are a difference of prefix sums.
         dev = self.level.device
@@ -311,9 +325,8 @@ class RankedRelevant:
     def ap_exclusive(self, v: int) -> torch.Tensor:
         """AP#v: positives = level == v, items of a level > v removed from the ranking."""
         pert = self.level == v
-        # rank - #(higher levels ahead) >= 1 for level-v entries; clamp keeps the others finite.
-        den = (self.rank - self.at_least[v + 1]).clamp_(min=1)
-        prec = torch.where(pert, self.cumulative(v).to(_F64) / den, 0.0)
+        # rank - #(higher levels ahead) >= 1 at level-v entries (elsewhere it may be 0, unused).
+        prec = torch.where(pert, self.cumulative(v) / (self.rank_f - self.at_least[v + 1]), 0.0)
         npert = self.totals(v) - self.totals(v + 1)
         ap = prec.sum(1) / npert.clamp(min=1)
         return self._nan_where(ap, npert == 0)

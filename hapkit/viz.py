@@ -19,12 +19,13 @@ _GREY = "#c7c7c7"
 
 def level_colors(num_levels: int) -> list[str]:
     """One colour per shared level V = 0..num_levels (grey for V = 0, darker = more shared)."""
-    from plotly.colors import sample_colorscale
+    from plotly.colors import sample_colorscale, unlabel_rgb
 
     if num_levels < 1:
         raise ValueError(f"num_levels must be >= 1, got {num_levels}")
     where = [0.3 + 0.7 * i / max(num_levels - 1, 1) for i in range(num_levels)] if num_levels > 1 else [0.7]
-    return [_GREY, *sample_colorscale("OrRd", where)]
+    shades = ["#%02x%02x%02x" % tuple(round(c) for c in unlabel_rgb(x)) for x in sample_colorscale("OrRd", where)]
+    return [_GREY, *shades]
 
 
 def level_label(v: int, num_levels: int, level_names: Sequence[str] | None = None) -> str:
