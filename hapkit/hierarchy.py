@@ -83,12 +83,16 @@ def check_tree(labels: torch.Tensor, name: str = "labels") -> None:
     if labels.dim() == 1 or labels.shape[1] < 2 or labels.shape[0] == 0:
         return
     for c in range(labels.shape[1] - 1):
-        pairs = torch.unique(labels[:, c : c + 2], dim=0)  # sorted by child, then parent
-        if pairs.shape[0] == torch.unique(labels[:, c]).numel():
+        child_col, parent_col = labels[:, c], labels[:, c + 1]
+        # One 1-D unique over a combined key: torch.unique(dim=0) is far slower on large arrays.
+        base = int(parent_col.max()) + 1
+        keys = torch.unique(child_col * base + parent_col)  # sorted by child, then parent
+        children = keys // base
+        if keys.numel() == torch.unique(child_col).numel():
             continue
-        dup = (pairs[1:, 0] == pairs[:-1, 0]).nonzero()[0, 0]
-        child = int(pairs[dup, 0])
-        p1, p2 = int(pairs[dup, 1]), int(pairs[dup + 1, 1])
+        dup = (children[1:] == children[:-1]).nonzero()[0, 0]
+        child = int(children[dup])
+        p1, p2 = int(keys[dup] % base), int(keys[dup + 1] % base)
         rows = (labels[:, c] == child).nonzero().flatten()
         r1 = int(rows[labels[rows, c + 1] == p1][0])
         r2 = int(rows[labels[rows, c + 1] == p2][0])
