@@ -269,8 +269,9 @@ def run_notebooks(notebooks_dir=None, out="results", jobs=1, force=False, timeou
                   progress=True) -> list[Path]:
     """Execute every notebook of ``notebooks/`` with its default parameters into ``<out>/notebooks``.
 
-    A notebook that takes an ``output_dir`` parameter gets ``<out>/notebooks/<name>/``. Notebooks
-    whose executed copy exists without error are skipped unless ``force``.
+    A notebook that takes an ``output_dir`` parameter gets ``<out>/notebooks/<name>/`` (and
+    ``progress=False`` when it has that parameter). Notebooks whose executed copy exists without
+    error are skipped unless ``force``.
     """
     import papermill
 
@@ -283,8 +284,11 @@ def run_notebooks(notebooks_dir=None, out="results", jobs=1, force=False, timeou
         if not force and _executed_ok(target):
             continue
         params = {}
-        if "output_dir" in papermill.inspect_notebook(str(nb)):
+        declared = papermill.inspect_notebook(str(nb))
+        if "output_dir" in declared:
             params["output_dir"] = str(dest / nb.stem)
+        if "progress" in declared:
+            params["progress"] = False  # progress widgets mean nothing in a stored notebook
         jobs_list.append((nb.name, str(nb), str(target), params, str(nb.parent), timeout))
     failures = _run_all(jobs_list, jobs, progress, "notebooks")
     if failures:

@@ -147,11 +147,11 @@ def test_run_notebooks_executes_every_notebook_once(tmp_path):
     src.mkdir()
     write_notebook(src / "01_a.ipynb", "x = 1 + 1", params="size = 3")
     write_notebook(src / "02_b.ipynb", "import pathlib\npathlib.Path(output_dir).mkdir(parents=True)\n"
-                   "(pathlib.Path(output_dir) / 'done.txt').write_text(str(size))",
-                   params="size = 3\noutput_dir = None")
+                   "(pathlib.Path(output_dir) / 'done.txt').write_text(f'{size} {progress}')",
+                   params="size = 3\noutput_dir = None\nprogress = True")
     outputs = run_notebooks(src, out=tmp_path / "results", progress=False)
     assert [p.name for p in outputs] == ["01_a.ipynb", "02_b.ipynb"]
-    assert (tmp_path / "results" / "notebooks" / "02_b" / "done.txt").read_text() == "3"
+    assert (tmp_path / "results" / "notebooks" / "02_b" / "done.txt").read_text() == "3 False"
     stamp = outputs[0].stat().st_mtime_ns
     run_notebooks(src, out=tmp_path / "results", progress=False)  # complete: not executed again
     assert outputs[0].stat().st_mtime_ns == stamp
