@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 # Main job: executes notebooks/ through papermill on the embedded generated dataset, then the
 # default comparison grid; everything lands under results/.
 reproduce: $(STAMP)
-	$(BIN)/hapkit reproduce --notebooks --out results
+	$(BIN)/hapkit reproduce --notebooks --jobs 2 --out results
 
 # Tests, including every notebook executed by nbval (defaults are CI-sized).
 test: $(STAMP)
