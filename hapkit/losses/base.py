@@ -8,7 +8,7 @@ import torch
 
 from hapkit.hierarchy import as_label_tensor
 
-__all__ = ["LossInputs", "prepare_inputs", "NoPositiveError"]
+__all__ = ["LossInputs", "prepare_inputs", "NoPositiveError", "require_other_positive"]
 
 
 class NoPositiveError(ValueError):
@@ -68,3 +68,21 @@ def prepare_inputs(
             f"{loss_name}: labels have {labels.shape[1]} level(s), ref_labels {ref_labels.shape[1]}"
         )
     return LossInputs(emb, labels, ref_emb.to(device).float(), ref_labels, False)
+
+
+def require_other_positive(related: torch.Tensor, inputs: LossInputs, what: str, loss_name: str) -> None:
+    """Raise :class:`NoPositiveError` when no query has a related item other than itself.
+
+    ``related`` is a (B, M) boolean mask of the reference items each query counts as positive;
+    in the same-set protocol the query's own entry (the diagonal) does not count.
+    """
+    others = related.clone()
+    if inputs.same_set:
+        others.fill_diagonal_(False)
+    if not bool(others.any()):
+        raise NoPositiveError(
+            f"{loss_name}: no query in this batch of {related.shape[0]} has another item that "
+            f"{what}, so there is nothing to rank. The sampler must put at least two images of "
+            f"some class in every batch (e.g. pytorch_metric_learning.samplers.MPerClassSampler "
+            f"with m >= 2, or hapkit.data.samplers.HierarchicalBatchSampler)."
+        )

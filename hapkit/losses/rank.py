@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.function import once_differentiable
 
-from hapkit.losses.base import LossInputs, NoPositiveError
+from hapkit.losses.base import LossInputs, require_other_positive
 
 __all__ = [
     "sigmoid_step",
@@ -355,17 +355,8 @@ def float32_compute(device: torch.device):
 
 
 def check_has_positive(levels: torch.Tensor, inputs: LossInputs, loss_name: str, what: str) -> None:
-    """Raise :class:`NoPositiveError` when no query has a positive other than itself."""
-    n_pos = (levels >= 1).sum(1)
-    if inputs.same_set:
-        n_pos = n_pos - (levels.diagonal() >= 1).long()
-    if not bool((n_pos > 0).any()):
-        raise NoPositiveError(
-            f"{loss_name}: no query in this batch has a positive ({what}) other than itself, so "
-            f"there is nothing to rank. The sampler must put several images of each class in a "
-            f"batch (e.g. pytorch_metric_learning.samplers.MPerClassSampler with m >= 2, or "
-            f"hapkit.data.samplers.HierarchicalBatchSampler)."
-        )
+    """Raise :class:`NoPositiveError` when no query has a positive (``levels >= 1``) other than itself."""
+    require_other_positive(levels >= 1, inputs, f"has a positive ({what})", loss_name)
 
 
 def reduce_queries(per_query: torch.Tensor, total: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from hapkit.losses.base import LossInputs, NoPositiveError, prepare_inputs
+from hapkit.losses.base import LossInputs, prepare_inputs, require_other_positive
 from hapkit.losses.rank import float32_compute, sigmoid_step
 
 __all__ = ["SmoothAP"]
@@ -56,20 +56,6 @@ def ranking_mask(inputs: LossInputs, exclude_self: bool) -> torch.Tensor:
     if inputs.same_set and exclude_self:
         mask.fill_diagonal_(False)
     return mask
-
-
-def require_other_positive(related: torch.Tensor, inputs: LossInputs, what: str, loss_name: str):
-    """Raise :class:`NoPositiveError` when no query has a related item other than itself."""
-    others = related.clone()
-    if inputs.same_set:
-        others.fill_diagonal_(False)
-    if not bool(others.any()):
-        raise NoPositiveError(
-            f"{loss_name}: no query in this batch of {related.shape[0]} has another item that "
-            f"{what}, so there is nothing to rank. The sampler must put at least two images of "
-            f"some class in every batch (e.g. pytorch_metric_learning.samplers.MPerClassSampler "
-            f"with m >= 2, or hapkit's hierarchical sampler)."
-        )
 
 
 def binary_positives(

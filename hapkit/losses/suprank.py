@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from hapkit.hierarchy import shared_levels
-from hapkit.losses.base import prepare_inputs
+from hapkit.losses.base import prepare_inputs, require_other_positive
 from hapkit.losses.rank import (
     UpperStep,
     exact_level_counts,
@@ -29,7 +29,7 @@ from hapkit.losses.rank import (
     sigmoid_step,
     upper_rank_sum,
 )
-from hapkit.losses.smoothap import binary_positives, ranking_mask, require_other_positive
+from hapkit.losses.smoothap import binary_positives, ranking_mask
 
 __all__ = ["SupRecall", "SupNDCG"]
 
