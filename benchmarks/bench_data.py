@@ -6,7 +6,7 @@ Measures, on the same batch size:
   (random crop + flip + normalise) and hapkit's ``MPerClassBatchSampler``, for each
   ``--workers`` value (first batch excluded: worker start-up);
 - model: images/s of one training step of the small CNN (forward + backward + Adam step) on a
-  batch already in memory (``hapkit.models.SmallCNN`` when available, else an equivalent CNN
+  batch already in memory (``hapkit.training.models.SmallCNN`` when available, else an equivalent CNN
   defined here);
 
 and prints ratio = loader images/s / model images/s. A ratio above 1 means the loader keeps up
@@ -35,7 +35,7 @@ from torch import nn
 def small_cnn(embedding: int = 128) -> nn.Module:
     """The small CNN used to train on the generated dataset, with an embedding head."""
     try:
-        from hapkit.models import SmallCNN
+        from hapkit.training.models import SmallCNN
 
         trunk = SmallCNN(32)
         width = trunk.num_features

@@ -30,11 +30,11 @@ import time
 import numpy as np
 import torch
 
-from hapkit.config import apply_overrides
-from hapkit.engine import Callback, Trainer, build_loss, build_sampler, resolve_amp
-from hapkit.models import build_model
-from hapkit.optim import build_group
-from hapkit.recipes import load_recipe
+from hapkit.training.config import apply_overrides
+from hapkit.training.engine import Callback, Trainer, build_loss, build_sampler, resolve_amp
+from hapkit.training.models import build_model
+from hapkit.training.optim import build_group
+from hapkit.training.recipes import load_recipe
 
 
 class SyntheticImages(torch.utils.data.Dataset):

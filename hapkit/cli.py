@@ -144,8 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_train(args) -> int:
-    from hapkit.engine import Trainer
-    from hapkit.recipes import load_recipe
+    from hapkit.training.engine import Trainer
+    from hapkit.training.recipes import load_recipe
 
     overrides = list(args.overrides)
     if args.seed is not None:
@@ -160,7 +160,7 @@ def _cmd_train(args) -> int:
     for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
         if sig is not None:
             signal.signal(sig, stop)
-    from hapkit.distributed import shutdown_distributed
+    from hapkit.training.distributed import shutdown_distributed
 
     try:
         result = trainer.fit(resume=args.resume)
@@ -188,30 +188,18 @@ def _cmd_evaluate(args) -> int:
 
     import torch
 
-    from hapkit.checkpoint import load_checkpoint
-    from hapkit.config import Recipe, from_dict
-    from hapkit.distributed import _pick_device
-    from hapkit.engine import evaluate_model, resolve_amp
-    from hapkit.models import build_model
+    from hapkit.data import build_eval_sets
+    from hapkit.training.distributed import _pick_device
+    from hapkit.training.engine import evaluate_model, resolve_amp
+    from hapkit.training.runs import load_model
 
-    state = load_checkpoint(args.checkpoint)
-    cfg = from_dict(Recipe, state["recipe"])
+    device = _pick_device(args.device, 0)
+    model, cfg = load_model(args.checkpoint, device)
     if args.data_root:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=args.data_root))
-    device = _pick_device(args.device, 0)
-    # the checkpoint holds the weights: never fetch ImageNet weights here
-    model = build_model(dataclasses.replace(cfg.model, pretrained=False))
-    model.load_state_dict(state["model"])
-    model.to(device).eval()
-    from hapkit.data import get_eval_sets
-    from hapkit.data.transforms import build_transforms
-
-    d = cfg.data
-    transform = build_transforms(d.transform, train=False, resize=d.resize, crop=d.crop)
-    sets = get_eval_sets(d.dataset, root=d.root, transform=transform)
     with torch.no_grad():
         metrics = evaluate_model(
-            model, sets, batch_size=cfg.data.eval_batch_size, num_workers=cfg.data.num_workers,
+            model, build_eval_sets(cfg.data), batch_size=cfg.data.eval_batch_size, num_workers=cfg.data.num_workers,
             device=device, amp=resolve_amp(cfg.train.amp, device) is not None,
             metrics=cfg.eval.metrics, max_items=cfg.eval.max_items, progress=not args.no_progress,
         )
@@ -223,6 +211,7 @@ def _cmd_evaluate(args) -> int:
 
 def _cmd_reproduce(args) -> int:
     from hapkit import reproduce
+    from hapkit.results import format_markdown
 
     kwargs = dict(
         methods=args.methods, datasets=args.datasets, seeds=args.seeds, data_root=args.data_root,
@@ -233,7 +222,7 @@ def _cmd_reproduce(args) -> int:
         summary = reproduce.reproduce_all(**kwargs)
     else:
         summary = reproduce.run_grid(**kwargs)
-    print(reproduce.format_markdown(summary))
+    print(format_markdown(summary))
     print(f"\nwritten: {Path(args.out) / 'summary.csv'} and {Path(args.out) / 'summary.md'}")
     return 0
 
@@ -253,8 +242,8 @@ def _cmd_prepare(args) -> int:
 def _cmd_recipes(args) -> int:
     import yaml
 
-    from hapkit.config import to_dict
-    from hapkit.recipes import list_recipes, load_recipe, read_recipe_dict
+    from hapkit.training.config import to_dict
+    from hapkit.training.recipes import list_recipes, load_recipe, read_recipe_dict
 
     if args.show:
         print(yaml.safe_dump(to_dict(load_recipe(args.show)), sort_keys=False), end="")
@@ -290,7 +279,7 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    from hapkit.config import ConfigError
+    from hapkit.training.config import ConfigError
 
     try:
         return COMMANDS[args.command](args)

@@ -86,10 +86,10 @@ class RetrievalResults:
         return "\n".join(lines)
 
 
-def metric_names(num_levels: int, metrics=None, levels=None, ks: Sequence[int] = (1, 4, 16)) -> list[str]:
+def metric_names(num_levels: int, metrics=None, columns=None, ks: Sequence[int] = (1, 4, 16)) -> list[str]:
     """The summary names :func:`evaluate` produces for these options, in order."""
     fams = _resolve_metrics(metrics)
-    cols = _resolve_levels(levels, num_levels)
+    cols = _resolve_columns(columns, num_levels)
     ks = _resolve_ks(ks)
     names = [f for f in ("H-AP", "ASI", "NDCG") if f in fams]
     for c in cols:
@@ -126,16 +126,16 @@ def _resolve_metrics(metrics) -> set[str]:
     return out
 
 
-def _resolve_levels(levels, num_levels: int) -> list[int]:
-    if levels is None:
+def _resolve_columns(columns, num_levels: int) -> list[int]:
+    if columns is None:
         return list(range(num_levels))
-    if isinstance(levels, int):
-        levels = [levels]
+    if isinstance(columns, int):
+        columns = [columns]
     out = []
-    for c in levels:
+    for c in columns:
         c = int(c)
         if not -num_levels <= c < num_levels:
-            raise ValueError(f"level {c} does not exist: the labels have {num_levels} level(s), 0 (finest) .. {num_levels - 1}")
+            raise ValueError(f"label column {c} does not exist: the labels have {num_levels} level(s), 0 (finest) .. {num_levels - 1}")
         out.append(c % num_levels)
     return sorted(set(out))
 
@@ -251,24 +251,25 @@ def _topk_faiss(faiss, index, queries: torch.Tensor, gallery: torch.Tensor, k: i
 def _full_chunk_metrics(rr: RankedRelevant, fams, cols, ks, L, rel_kwargs) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     if "H-AP" in fams:
-        # Relevance only depends on each query's level counts, so the (Q, R) levels of the relevant
-        # items suffice (their padding is level 0, whose count no relevance kind uses).
-        rel = relevance_fn(rr.level, L, dtype=torch.float64, **rel_kwargs)
+        # Relevance only depends on each query's counts per shared level, so the (Q, R) shared
+        # levels of the relevant items suffice (their padding is v = 0, whose count no relevance
+        # kind uses).
+        rel = relevance_fn(rr.shared, L, dtype=torch.float64, **rel_kwargs)
         out["H-AP"] = rr.h_average_precision(rel, check=False)
     if "ASI" in fams:
         out["ASI"] = rr.asi()
     if "NDCG" in fams:
         out["NDCG"] = rr.ndcg()
     for c in cols:
-        m = L - c  # tree labels: same label in column c <=> at least L - c shared levels
+        min_shared = L - c  # tree labels: same label in column c <=> at least L - c shared levels
         if "AP" in fams:
-            out[f"AP@{c}"] = rr.average_precision(m)
+            out[f"AP@{c}"] = rr.average_precision(min_shared)
         if "mAP@R" in fams:
-            out[f"mAP@R@{c}"] = rr.map_at_r(m)
+            out[f"mAP@R@{c}"] = rr.map_at_r(min_shared)
         if "P@1" in fams:
-            out[f"P@1@{c}"] = rr.precision_at_k((1,), m)[1]
+            out[f"P@1@{c}"] = rr.precision_at_k((1,), min_shared)[1]
         if "R@k" in fams:
-            for k, r in rr.recall_at_k(ks, m).items():
+            for k, r in rr.recall_at_k(ks, min_shared).items():
                 out[f"R@{k}@{c}"] = r
     if "AP#" in fams:
         for v in range(1, L + 1):
@@ -296,60 +297,37 @@ def _topk_chunk_metrics(neighbours, q_labels, g_labels_ext, has_pos, fams, cols,
 # The evaluation
 
 
-def evaluate(
-    embeddings,
-    labels,
-    *,
-    gallery_embeddings=None,
-    gallery_labels=None,
-    distractor_embeddings=None,
-    metrics=None,
-    levels=None,
-    relevance: str = "pop",
-    alpha: float = 1.0,
-    weights: Sequence[float] | None = None,
-    ks: Sequence[int] = (1, 4, 16),
-    chunk_size: int | None = None,
-    device=None,
-    progress: bool = True,
-    use_faiss: bool | None = None,
-) -> RetrievalResults:
-    """Exact retrieval metrics of embeddings, streamed over chunks of queries.
+@dataclass
+class _Inputs:
+    """The checked arguments of :func:`evaluate`: queries, gallery (the queries themselves in the
+    same-set protocol) and distractors, with their labels."""
 
-    Args:
-        embeddings: (N, D) query embeddings (cosine similarity = dot product: L2-normalise them).
-        labels: (N, L) integer tree labels, finest level first (1-D: one level).
-        gallery_embeddings, gallery_labels: a separate gallery (query/gallery protocol). Without
-            them every item is ranked against all the others (same-set protocol).
-        distractor_embeddings: (M, D) extra gallery items related to no query (V = 0).
-        metrics: subset of :data:`METRIC_FAMILIES` (``"H-AP", "ASI", "NDCG", "AP", "mAP@R", "R@k",
-            "P@1", "AP#"``); None = all.
-        levels: label columns for the binary metrics (0 = finest); None = all.
-        relevance, alpha, weights: H-AP relevance (:func:`hapkit.hierarchy.relevance`), default
-            ``pop`` with alpha 1 as in every official HAPPIER config; ``weights`` for ``map``.
-        ks: the k of R@k (default 1, 4, 16).
-        chunk_size: queries per chunk (default: about 8M query x gallery pairs on CPU, 64M on GPU).
-        device: where to compute (default: the embeddings' device).
-        progress: show a tqdm progress bar.
-        use_faiss: nearest neighbours by faiss (inner product) when only top-k metrics (R@k, P@1)
-            are asked; None = when faiss is installed and the computation runs on CPU. Other
-            metrics need the full ranking and always use the exact torch path.
+    queries: torch.Tensor
+    query_labels: torch.Tensor
+    gallery: torch.Tensor
+    gallery_labels: torch.Tensor
+    distractors: torch.Tensor | None
+    same_set: bool
 
-    Returns:
-        :class:`RetrievalResults`. Ties in scores are broken by gallery index (the lower first).
-        Queries without any positive for a metric are left out of its mean and counted in
-        ``.skipped`` (a warning says so).
+    @property
+    def num_levels(self) -> int:
+        return int(self.query_labels.shape[1])
 
-    On a CPU that other busy processes share, ``torch.set_num_threads(1)`` can be several times
-    faster: the many medium-sized operations of each chunk otherwise wait for a descheduled
-    worker thread.
-    """
+    @property
+    def num_gallery(self) -> int:
+        """Items of the gallery proper (without distractors)."""
+        return int(self.gallery.shape[0])
+
+
+def _check_inputs(embeddings, labels, gallery_embeddings, gallery_labels, distractor_embeddings) -> _Inputs:
     q_emb = _as_embeddings(embeddings, "embeddings")
     same_set = gallery_embeddings is None and gallery_labels is None
     # One tree check: of the labels, or of queries and gallery together (they must form one tree).
     q_lab = as_label_tensor(labels, "labels", check=same_set)
     if q_lab.shape[0] != q_emb.shape[0]:
         raise ValueError(f"embeddings has {q_emb.shape[0]} rows but labels has {q_lab.shape[0]}; give one label row per embedding")
+    if q_emb.shape[0] == 0:
+        raise ValueError("no query to evaluate (embeddings is empty)")
     if same_set:
         g_emb, g_lab = q_emb, q_lab
     else:
@@ -370,81 +348,112 @@ def evaluate(
         d_emb = _as_embeddings(distractor_embeddings, "distractor_embeddings")
         if d_emb.shape[1] != q_emb.shape[1]:
             raise ValueError(f"distractor_embeddings have dimension {d_emb.shape[1]}, embeddings {q_emb.shape[1]}")
+    if g_emb.shape[0] - int(same_set) + (0 if d_emb is None else d_emb.shape[0]) <= 0:
+        raise ValueError("the gallery is empty: the same-set protocol needs at least two items")
+    return _Inputs(q_emb, q_lab, g_emb, g_lab, d_emb, same_set)
 
-    L = q_lab.shape[1]
+
+@dataclass
+class _Plan:
+    """How :func:`evaluate` computes: which metrics, where, in chunks of how many queries, and
+    whether the full ranking is needed (every metric but R@k / P@1) or only the top k."""
+
+    families: set
+    columns: list[int]
+    ks: list[int]
+    names: list[str]
+    relevance: dict
+    device: torch.device
+    dtype: torch.dtype
+    chunk_size: int
+    topk_only: bool
+    use_faiss: bool
+    k_needed: int
+
+
+def _plan(inputs: _Inputs, metrics, columns, relevance, alpha, weights, ks, chunk_size, device, use_faiss) -> _Plan:
+    L = inputs.num_levels
     fams = _resolve_metrics(metrics)
-    cols = _resolve_levels(levels, L)
+    cols = _resolve_columns(columns, L)
     ks = _resolve_ks(ks)
-    rel_kwargs = dict(kind=relevance, alpha=alpha, weights=weights, count_query=same_set)
+    rel_kwargs = dict(kind=relevance, alpha=alpha, weights=weights, count_query=inputs.same_set)
     if "H-AP" in fams:  # fail now on a bad relevance option, not after the first chunk
         relevance_fn(torch.zeros(1, 1, dtype=torch.uint8), L, **{**rel_kwargs, "count_query": False})
-
-    dev = torch.device(device) if device is not None else q_emb.device
-    dtype = torch.promote_types(torch.promote_types(q_emb.dtype, g_emb.dtype), torch.float32)
-    gallery = g_emb.to(dev, dtype)
-    if d_emb is not None:
-        gallery = torch.cat([gallery, d_emb.to(dev, dtype)])
-    n_main = g_emb.shape[0]
-    g_lab_dev = g_lab.to(dev)
-    Q, G = q_emb.shape[0], gallery.shape[0]
-    if Q == 0:
-        raise ValueError("no query to evaluate (embeddings is empty)")
-    if G - int(same_set) <= 0:
-        raise ValueError("the gallery is empty: the same-set protocol needs at least two items")
-
+    dev = torch.device(device) if device is not None else inputs.queries.device
+    dtype = torch.promote_types(torch.promote_types(inputs.queries.dtype, inputs.gallery.dtype), torch.float32)
     topk_only = fams <= _TOPK_FAMILIES
     faiss = _faiss()
     if use_faiss and faiss is None:
         raise ImportError("use_faiss=True but faiss is not installed: pip install faiss-cpu (or faiss-gpu)")
     if use_faiss is None:
         use_faiss = faiss is not None and dev.type == "cpu"
-    use_faiss = bool(use_faiss) and topk_only
-    k_needed = max(ks) if "R@k" in fams else 1
-    index = None
-    if use_faiss:
-        index = faiss.IndexFlatIP(gallery.shape[1])
-        index.add(np.ascontiguousarray(gallery.float().cpu().numpy()))
-    has_pos = g_lab_ext = None
-    if topk_only:
-        has_pos = _counts_at_levels(q_lab, g_lab, same_set)
-        g_lab_ext = torch.cat([g_lab, torch.full((G - n_main, L), -1, dtype=torch.int64)])
-
+    G = inputs.num_gallery + (0 if inputs.distractors is None else inputs.distractors.shape[0])
     if chunk_size is None:
         per = _CUDA_CHUNK_ELEMENTS if dev.type == "cuda" else _CPU_CHUNK_ELEMENTS
         chunk_size = max(1, per // G)
-    chunk_size = int(chunk_size)
-    if chunk_size < 1:
+    if int(chunk_size) < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    return _Plan(
+        families=fams, columns=cols, ks=ks, names=metric_names(L, fams, cols, ks), relevance=rel_kwargs,
+        device=dev, dtype=dtype, chunk_size=int(chunk_size), topk_only=topk_only,
+        use_faiss=bool(use_faiss) and topk_only, k_needed=max(ks) if "R@k" in fams else 1,
+    )
 
-    names = metric_names(L, fams, cols, ks)
+
+def _run_chunks(inputs: _Inputs, plan: _Plan, progress: bool) -> torch.Tensor:
+    """(len(plan.names), Q) float64 per-query values, NaN where a query has no positive."""
+    dev, dtype, L = plan.device, plan.dtype, inputs.num_levels
+    gallery = inputs.gallery.to(dev, dtype)
+    if inputs.distractors is not None:
+        gallery = torch.cat([gallery, inputs.distractors.to(dev, dtype)])
+    n_main = inputs.num_gallery
+    G = gallery.shape[0]
+    Q = inputs.queries.shape[0]
+    g_lab_dev = inputs.gallery_labels.to(dev)
+    index = has_pos = g_lab_ext = None
+    if plan.use_faiss:
+        faiss = _faiss()
+        index = faiss.IndexFlatIP(gallery.shape[1])
+        index.add(np.ascontiguousarray(gallery.float().cpu().numpy()))
+    if plan.topk_only:
+        has_pos = _counts_at_levels(inputs.query_labels, inputs.gallery_labels, inputs.same_set)
+        g_lab_ext = torch.cat([inputs.gallery_labels, torch.full((G - n_main, L), -1, dtype=torch.int64)])
+
     # Filled in place: small per-chunk tensors kept alive between the large temporary ones would
     # fragment the CPU heap and make the memory footprint grow chunk after chunk.
-    values_out = torch.full((len(names), Q), float("nan"), dtype=torch.float64)
+    values = torch.full((len(plan.names), Q), float("nan"), dtype=torch.float64)
     workspace = Workspace()
-    starts = range(0, Q, chunk_size)
+    starts = range(0, Q, plan.chunk_size)
     for start in tqdm(starts, desc="evaluate", unit="chunk", disable=not progress, leave=False):
-        stop = min(start + chunk_size, Q)
-        q = q_emb[start:stop].to(dev, dtype)
-        exclude = torch.arange(start, stop, device=dev) if same_set else None
-        if topk_only:
-            if use_faiss:
-                nb = _topk_faiss(faiss, index, q, gallery, k_needed, exclude)
+        stop = min(start + plan.chunk_size, Q)
+        q = inputs.queries[start:stop].to(dev, dtype)
+        q_lab = inputs.query_labels[start:stop]
+        exclude = torch.arange(start, stop, device=dev) if inputs.same_set else None
+        if plan.topk_only:
+            if plan.use_faiss:
+                nb = _topk_faiss(_faiss(), index, q, gallery, plan.k_needed, exclude)
             else:
-                nb = _exact_topk_torch(q @ gallery.T, k_needed, exclude).cpu()
-            out = _topk_chunk_metrics(nb, q_lab[start:stop], g_lab_ext, has_pos[start:stop], fams, cols, ks, L)
+                nb = _exact_topk_torch(q @ gallery.T, plan.k_needed, exclude).cpu()
+            out = _topk_chunk_metrics(nb, q_lab, g_lab_ext, has_pos[start:stop], plan.families, plan.columns,
+                                      plan.ks, L)
         else:
             scores = torch.mm(q, gallery.T, out=workspace.get("scores", (stop - start, G), dtype, dev))
-            V = shared_levels(q_lab[start:stop].to(dev), g_lab_dev)
+            V = shared_levels(q_lab.to(dev), g_lab_dev)
             if G > n_main:
                 V = torch.cat([V, V.new_zeros(V.shape[0], G - n_main)], 1)
             rr = rank_relevant(scores, V, exclude=exclude, num_levels=L, check=False, workspace=workspace)
             del scores, V
-            out = _full_chunk_metrics(rr, fams, cols, ks, L, rel_kwargs)
-        for i, name in enumerate(names):
-            values_out[i, start:stop] = out[name].cpu()
+            out = _full_chunk_metrics(rr, plan.families, plan.columns, plan.ks, L, plan.relevance)
+        for i, name in enumerate(plan.names):
+            values[i, start:stop] = out[name].cpu()
         del out
+    return values
 
-    per_query = pd.DataFrame({n: values_out[i].numpy() for i, n in enumerate(names)})
+
+def _results(values: torch.Tensor, inputs: _Inputs, plan: _Plan, relevance, alpha, weights) -> RetrievalResults:
+    names = plan.names
+    Q = values.shape[1]
+    per_query = pd.DataFrame({n: values[i].numpy() for i, n in enumerate(names)})
     per_query.index.name = "query"
     summary = {n: float(np.nanmean(per_query[n].to_numpy())) if per_query[n].notna().any() else float("nan") for n in names}
     missing = per_query.isna().sum()
@@ -454,22 +463,77 @@ def evaluate(
         warnings.warn(
             f"{worst} of {Q} queries have no positive for some metric and are left out of its mean "
             f"(per metric: {skipped}); see RetrievalResults.skipped and .per_query.",
-            stacklevel=2,
+            stacklevel=3,
         )
+    n_distractors = 0 if inputs.distractors is None else int(inputs.distractors.shape[0])
     settings = dict(
-        protocol="same-set" if same_set else "query/gallery",
-        num_gallery=G - int(same_set),
-        num_distractors=G - n_main,
-        num_levels=L,
+        protocol="same-set" if inputs.same_set else "query/gallery",
+        num_gallery=inputs.num_gallery - int(inputs.same_set) + n_distractors,
+        num_distractors=n_distractors,
+        num_levels=inputs.num_levels,
         relevance=relevance,
         alpha=alpha,
         weights=None if weights is None else list(weights),
-        ks=ks,
-        chunk_size=chunk_size,
-        device=str(dev),
-        faiss=bool(use_faiss),
+        ks=plan.ks,
+        chunk_size=plan.chunk_size,
+        device=str(plan.device),
+        faiss=plan.use_faiss,
     )
     return RetrievalResults(summary=summary, per_query=per_query, num_queries=Q, skipped=skipped, settings=settings)
+
+
+def evaluate(
+    embeddings,
+    labels,
+    *,
+    gallery_embeddings=None,
+    gallery_labels=None,
+    distractor_embeddings=None,
+    metrics=None,
+    columns=None,
+    relevance: str = "pop",
+    alpha: float = 1.0,
+    weights: Sequence[float] | None = None,
+    ks: Sequence[int] = (1, 4, 16),
+    chunk_size: int | None = None,
+    device=None,
+    progress: bool = True,
+    use_faiss: bool | None = None,
+) -> RetrievalResults:
+    """Exact retrieval metrics of embeddings, streamed over chunks of queries.
+
+    Args:
+        embeddings: (N, D) query embeddings (cosine similarity = dot product: L2-normalise them).
+        labels: (N, L) integer tree labels, finest level first (1-D: one level).
+        gallery_embeddings, gallery_labels: a separate gallery (query/gallery protocol). Without
+            them every item is ranked against all the others (same-set protocol).
+        distractor_embeddings: (M, D) extra gallery items related to no query (V = 0).
+        metrics: subset of :data:`METRIC_FAMILIES` (``"H-AP", "ASI", "NDCG", "AP", "mAP@R", "R@k",
+            "P@1", "AP#"``); None = all.
+        columns: label columns c of the binary metrics (0 = finest); None = all.
+        relevance, alpha, weights: H-AP relevance (:func:`hapkit.hierarchy.relevance`), default
+            ``pop`` with alpha 1 as in every official HAPPIER config; ``weights`` for ``map``.
+        ks: the k of R@k (default 1, 4, 16).
+        chunk_size: queries per chunk (default: about 8M query x gallery pairs on CPU, 64M on GPU).
+        device: where to compute (default: the embeddings' device).
+        progress: show a tqdm progress bar.
+        use_faiss: nearest neighbours by faiss (inner product) when only top-k metrics (R@k, P@1)
+            are asked; None = when faiss is installed and the computation runs on CPU. Other
+            metrics need the full ranking and always use the exact torch path.
+
+    Returns:
+        :class:`RetrievalResults`. Ties in scores are broken by gallery index (the lower first).
+        Queries without any positive for a metric are left out of its mean and counted in
+        ``.skipped`` (a warning says so).
+
+    On a CPU that other busy processes share, ``torch.set_num_threads(1)`` can be several times
+    faster: the many medium-sized operations of each chunk otherwise wait for a descheduled
+    worker thread.
+    """
+    inputs = _check_inputs(embeddings, labels, gallery_embeddings, gallery_labels, distractor_embeddings)
+    plan = _plan(inputs, metrics, columns, relevance, alpha, weights, ks, chunk_size, device, use_faiss)
+    values = _run_chunks(inputs, plan, progress)
+    return _results(values, inputs, plan, relevance, alpha, weights)
 
 
 # ----------------------------------------------------------------------------------------------

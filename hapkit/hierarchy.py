@@ -22,7 +22,7 @@ __all__ = [
     "as_label_tensor",
     "check_tree",
     "shared_levels",
-    "level_counts",
+    "shared_counts",
     "relevance",
     "RELEVANCE_KINDS",
 ]
@@ -126,10 +126,10 @@ def shared_levels(query_labels: torch.Tensor, gallery_labels: torch.Tensor) -> t
     return V
 
 
-def level_counts(V: torch.Tensor, num_levels: int, count_query: bool = False) -> torch.Tensor:
-    """n_q(v): number of gallery items at exactly level v for each query, shape (Q, L + 1), int64.
+def shared_counts(V: torch.Tensor, num_levels: int, count_query: bool = False) -> torch.Tensor:
+    """n_q(v): number of gallery items sharing exactly v levels with each query, shape (Q, L + 1), int64.
 
-    ``count_query`` adds the query itself to level L (the reference evaluation counts over the
+    ``count_query`` adds the query itself to v = L (the reference evaluation counts over the
     whole set, query included, although the query is not in its own gallery).
     """
     counts = torch.stack([(V == v).sum(dim=1) for v in range(num_levels + 1)], dim=1)
@@ -154,14 +154,14 @@ def relevance(
       levels 1..L (level L = same fine class).
 
     Items with V = 0 have relevance 0. ``count_query`` reproduces the reference evaluation's
-    counting of the query itself at level L (see :func:`level_counts`); use it in the same-set
+    counting of the query itself at level L (see :func:`shared_counts`); use it in the same-set
     protocol to match the published numbers. Any positive rescaling of the weights leaves every
     metric unchanged.
     """
     if kind not in RELEVANCE_KINDS:
         raise ValueError(f"unknown relevance kind {kind!r}; choose one of {RELEVANCE_KINDS}")
     Vl = V.long()
-    counts = level_counts(V, num_levels, count_query=count_query).to(dtype)  # (Q, L+1)
+    counts = shared_counts(V, num_levels, count_query=count_query).to(dtype)  # (Q, L+1)
     if kind == "pop":
         w = torch.arange(num_levels + 1, dtype=dtype, device=V.device) ** alpha
         w[0] = 0.0

@@ -100,7 +100,7 @@ def _as_like(x, scores: torch.Tensor, name: str, dtype=None) -> torch.Tensor:
     return t if dtype is None else t.to(dtype)
 
 
-def _as_levels(shared_levels, scores: torch.Tensor, name: str = "shared_levels") -> torch.Tensor:
+def _as_shared(shared_levels, scores: torch.Tensor, name: str = "shared_levels") -> torch.Tensor:
     V = _as_like(shared_levels, scores, name)
     if V.dtype.is_floating_point or V.dtype.is_complex:
         raise ValueError(f"{name} must be integer shared levels (hierarchy.shared_levels), got {V.dtype}")
@@ -115,22 +115,24 @@ def _as_levels(shared_levels, scores: torch.Tensor, name: str = "shared_levels")
 
 @dataclass(frozen=True)
 class RankedRelevant:
-    """The relevant items (level > 0) of a chunk of queries, each query's in ranking order.
+    """The relevant items (shared level v > 0) of a chunk of queries, each query's in ranking order.
 
     Dense (Q, R) arrays, R = the largest number of relevant items of a query in the chunk; row q
     holds its ``count[q]`` relevant items first, sorted by rank, then padding:
 
-    - ``level``: the item's level (> 0; the shared level V for hierarchical metrics), 0 = padding;
+    - ``shared``: the item's shared level v (> 0; 1 for every positive of a binary metric), 0 =
+      padding;
     - ``rank``: its 1-based rank in the query's full ranking (ties: lower gallery index first),
       ``gallery_size + 1`` for padding;
     - ``item``: its gallery index, -1 for padding.
 
-    ``gallery_size[q]`` is the number of items in query q's ranking and ``num_levels`` the largest
-    level. Build it with :func:`rank_relevant`; the metric methods return one float64 value per
+    ``gallery_size[q]`` is the number of items in query q's ranking and ``num_levels`` (L) the
+    largest shared level. A binary metric at label column c takes as positives the entries with
+    v >= L - c, the ``min_shared`` argument of the metric methods. Build it with :func:`rank_relevant`; the metric methods return one float64 value per
     query (NaN where the query has no positive for that metric).
     """
 
-    level: torch.Tensor
+    shared: torch.Tensor
     rank: torch.Tensor
     item: torch.Tensor
     count: torch.Tensor
@@ -139,7 +141,7 @@ class RankedRelevant:
 
     @property
     def num_queries(self) -> int:
-        return self.level.shape[0]
+        return self.shared.shape[0]
 
     # -- shared intermediate results (computed once per object) --------------------------------
     def _memo(self, key, fn):
@@ -150,32 +152,32 @@ class RankedRelevant:
 
     @property
     def at_least(self) -> torch.Tensor:
-        """(num_levels + 2, Q, R) float64 counts: ``at_least[m][q, i]`` = entries of level >= m
+        """(num_levels + 2, Q, R) float64 counts: ``at_least[m][q, i]`` = entries with v >= m
         among the first i + 1 entries of query q (``at_least[num_levels + 1]`` is 0); the last
         column holds each query's totals. Float64 (exact for counts) so that the metrics need no
         conversion."""
 
         def make():
-            Q, r = self.level.shape
-            out = torch.empty(self.num_levels + 2, Q, r, dtype=_F64, device=self.level.device)
+            Q, r = self.shared.shape
+            out = torch.empty(self.num_levels + 2, Q, r, dtype=_F64, device=self.shared.device)
             out[self.num_levels + 1].zero_()
             for v in range(self.num_levels, 0, -1):
-                torch.cumsum(self.level == v, 1, dtype=_F64, out=out[v])
+                torch.cumsum(self.shared == v, 1, dtype=_F64, out=out[v])
                 out[v] += out[v + 1]
-            out[0] = out[1]  # level 0 is padding: "level >= 0" counts the relevant entries too
+            out[0] = out[1]  # v = 0 is padding: "v >= 0" counts the relevant entries too
             return out
 
         return self._memo("at_least", make)
 
     def cumulative(self, v: int) -> torch.Tensor:
-        """(Q, R) float64: entries of level exactly v among the first i + 1 entries."""
+        """(Q, R) float64: entries with v exactly ``v`` among the first i + 1 entries."""
         return self._memo(("cumulative", v), lambda: self.at_least[v] - self.at_least[v + 1])
 
-    def totals(self, min_level: int = 1) -> torch.Tensor:
-        """(Q,) int64: number of entries of level >= min_level of each query."""
-        if self.level.shape[1] == 0:
-            return torch.zeros(self.num_queries, dtype=torch.int64, device=self.level.device)
-        return self.at_least[max(min_level, 0)][:, -1].to(torch.int64)
+    def totals(self, min_shared: int = 1) -> torch.Tensor:
+        """(Q,) int64: number of entries with v >= min_shared of each query."""
+        if self.shared.shape[1] == 0:
+            return torch.zeros(self.num_queries, dtype=torch.int64, device=self.shared.device)
+        return self.at_least[max(min_shared, 0)][:, -1].to(torch.int64)
 
     @property
     def rank_f(self) -> torch.Tensor:
@@ -186,9 +188,9 @@ class RankedRelevant:
     def inv_rank(self) -> torch.Tensor:
         return self._memo("inv_rank", lambda: self.rank_f.reciprocal())
 
-    def level_counts(self) -> torch.Tensor:
-        """(Q, num_levels + 1) int64: relevant items at exactly each level (column 0 left at 0)."""
-        out = torch.zeros(self.num_queries, self.num_levels + 1, dtype=torch.int64, device=self.level.device)
+    def shared_counts(self) -> torch.Tensor:
+        """(Q, num_levels + 1) int64: relevant items at exactly each shared level v (column 0 left at 0)."""
+        out = torch.zeros(self.num_queries, self.num_levels + 1, dtype=torch.int64, device=self.shared.device)
         for v in range(1, self.num_levels + 1):
             out[:, v] = self.totals(v) - self.totals(v + 1)
         return out
@@ -197,59 +199,59 @@ class RankedRelevant:
     def _nan_where(values: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
         return torch.where(empty, torch.full_like(values, float("nan")), values)
 
-    # -- binary metrics (positives: level >= min_level) ----------------------------------------
-    def _positive(self, min_level: int) -> torch.Tensor:
-        return self._memo(("positive", min_level), lambda: self.level >= min_level)
+    # -- binary metrics (positives: v >= min_shared) ----------------------------------------
+    def _positive(self, min_shared: int) -> torch.Tensor:
+        return self._memo(("positive", min_shared), lambda: self.shared >= min_shared)
 
-    def _precisions(self, min_level: int) -> torch.Tensor:
+    def _precisions(self, min_shared: int) -> torch.Tensor:
         """#positives up to and including each entry / its rank, 0 where not a positive."""
 
         def make():
-            return torch.where(self._positive(min_level), self.at_least[min_level] * self.inv_rank, 0.0)
+            return torch.where(self._positive(min_shared), self.at_least[min_shared] * self.inv_rank, 0.0)
 
-        return self._memo(("precisions", min_level), make)
+        return self._memo(("precisions", min_shared), make)
 
-    def average_precision(self, min_level: int = 1) -> torch.Tensor:
-        """AP with positives = entries whose level is >= ``min_level``."""
-        npos = self.totals(min_level)
-        ap = self._precisions(min_level).sum(1) / npos.clamp(min=1)
+    def average_precision(self, min_shared: int = 1) -> torch.Tensor:
+        """AP with positives = entries whose shared level v is >= ``min_shared``."""
+        npos = self.totals(min_shared)
+        ap = self._precisions(min_shared).sum(1) / npos.clamp(min=1)
         return self._nan_where(ap, npos == 0)
 
-    def map_at_r(self, min_level: int = 1) -> torch.Tensor:
+    def map_at_r(self, min_shared: int = 1) -> torch.Tensor:
         """mAP@R: AP restricted to positives ranked within the first R = |P| positions, over R."""
-        npos = self.totals(min_level)
-        prec = torch.where(self.rank <= npos[:, None], self._precisions(min_level), 0.0)
+        npos = self.totals(min_shared)
+        prec = torch.where(self.rank <= npos[:, None], self._precisions(min_shared), 0.0)
         m = prec.sum(1) / npos.clamp(min=1)
         return self._nan_where(m, npos == 0)
 
-    def best_positive_rank(self, min_level: int = 1) -> torch.Tensor:
+    def best_positive_rank(self, min_shared: int = 1) -> torch.Tensor:
         """Rank of the first positive of each query (int64; gallery_size + 1 where none)."""
 
         def make():
             none = self.gallery_size + 1
-            if self.level.shape[1] == 0:
+            if self.shared.shape[1] == 0:
                 return none
             # Entries are sorted by rank: the first positive is where "positives so far" is 1.
-            first = (self.at_least[min_level] == 1).to(torch.int8).argmax(1, keepdim=True)
-            return torch.where(self.totals(min_level) > 0, self.rank.gather(1, first).squeeze(1), none)
+            first = (self.at_least[min_shared] == 1).to(torch.int8).argmax(1, keepdim=True)
+            return torch.where(self.totals(min_shared) > 0, self.rank.gather(1, first).squeeze(1), none)
 
-        return self._memo(("best", min_level), make)
+        return self._memo(("best", min_shared), make)
 
-    def recall_at_k(self, ks: Iterable[int] = (1,), min_level: int = 1) -> dict[int, torch.Tensor]:
+    def recall_at_k(self, ks: Iterable[int] = (1,), min_shared: int = 1) -> dict[int, torch.Tensor]:
         """R@k (recall rate): 1 if a positive is among the first k items, for each k."""
-        empty = self.totals(min_level) == 0
-        best = self.best_positive_rank(min_level)
+        empty = self.totals(min_shared) == 0
+        best = self.best_positive_rank(min_shared)
         return {k: self._nan_where((best <= k).to(_F64), empty) for k in _check_ks(ks)}
 
-    def precision_at_k(self, ks: Iterable[int] = (1,), min_level: int = 1) -> dict[int, torch.Tensor]:
+    def precision_at_k(self, ks: Iterable[int] = (1,), min_shared: int = 1) -> dict[int, torch.Tensor]:
         """P@k: fraction of the first k items that are positives, for each k."""
-        empty = self.totals(min_level) == 0
+        empty = self.totals(min_shared) == 0
         out = {}
         for k in _check_ks(ks):
             if k == 1:
-                hits = (self.best_positive_rank(min_level) == 1).to(_F64)
+                hits = (self.best_positive_rank(min_shared) == 1).to(_F64)
             else:
-                hits = (self._positive(min_level) & (self.rank <= k)).sum(1).to(_F64)
+                hits = (self._positive(min_shared) & (self.rank <= k)).sum(1).to(_F64)
             out[k] = self._nan_where(hits / k, empty)
         return out
 
@@ -262,13 +264,13 @@ class RankedRelevant:
         min(rel_v, rel(k)) * #(level-v items ranked at or before k). Levels are matched by id
         (SPEC.md), so each item is counted once even when two levels have equal relevance.
         """
-        valid = self.level > 0
+        valid = self.shared > 0
         rel = torch.where(valid, relevance.to(_F64), 0.0)
         Q = self.num_queries
         table = torch.zeros(Q, self.num_levels + 1, dtype=_F64, device=rel.device)
-        table.scatter_reduce_(1, self.level, rel, "amax", include_self=False)
+        table.scatter_reduce_(1, self.shared, rel, "amax", include_self=False)
         if check:
-            low = torch.zeros_like(table).scatter_reduce_(1, self.level, rel, "amin", include_self=False)
+            low = torch.zeros_like(table).scatter_reduce_(1, self.shared, rel, "amin", include_self=False)
             if bool((low != table).any()):
                 raise ValueError(
                     "relevance differs between items of the same query at the same level; H-AP matches "
@@ -283,13 +285,13 @@ class RankedRelevant:
         return self._nan_where(hap, total <= 0)
 
     def ndcg(self) -> torch.Tensor:
-        """NDCG with gain 2**level - 1 and discount 1 / log2(1 + rank), over the whole ranking."""
-        gain = torch.exp2(self.level.to(_F64)).sub_(1.0)  # 0 for padding
+        """NDCG with gain 2**v - 1 and discount 1 / log2(1 + rank), over the whole ranking."""
+        gain = torch.exp2(self.shared.to(_F64)).sub_(1.0)  # 0 for padding
         dcg = gain.div_(torch.log2(self.rank_f + 1.0)).sum(1)
         # The ideal ranking puts the levels in decreasing order: level v fills the positions after
         # every item of a higher level, so its discounts are a difference of prefix sums.
-        dev = self.level.device
-        r = self.level.shape[1]
+        dev = self.shared.device
+        r = self.shared.shape[1]
         disc = torch.zeros(r + 1, dtype=_F64, device=dev)
         disc[1:] = (1.0 / torch.log2(torch.arange(2, r + 2, dtype=_F64, device=dev))).cumsum(0)
         idcg = torch.zeros(self.num_queries, dtype=_F64, device=dev)
@@ -305,14 +307,14 @@ class RankedRelevant:
         SI(n) = (1/n) sum_v min(#level-v items in the top n, #level-v items in the ideal top n).
         Only ranks <= R matter, so each query needs R positions, not G.
         """
-        Q, r = self.level.shape
-        dev = self.level.device
+        Q, r = self.shared.shape
+        dev = self.shared.device
         n = torch.arange(1, r + 1, device=dev)
         slot = (self.rank - 1).clamp(max=r)  # ranks beyond R (and padding) land in slot r, dropped
         si = torch.zeros(Q, r, dtype=torch.int64, device=dev)
         hits = torch.empty(Q, r + 1, dtype=torch.int64, device=dev)
         for v in range(self.num_levels, 0, -1):
-            hits.zero_().scatter_add_(1, slot, (self.level == v).to(torch.int64))
+            hits.zero_().scatter_add_(1, slot, (self.shared == v).to(torch.int64))
             got = hits[:, :r].cumsum(1)
             above = self.totals(v + 1)[:, None]
             ideal = (n - above).clamp_(min=0).minimum(self.totals(v)[:, None] - above)
@@ -323,8 +325,8 @@ class RankedRelevant:
         return self._nan_where(out, self.count == 0)
 
     def ap_exclusive(self, v: int) -> torch.Tensor:
-        """AP#v: positives = level == v, items of a level > v removed from the ranking."""
-        pert = self.level == v
+        """AP#v: positives = entries with shared level v, entries sharing more removed from the ranking."""
+        pert = self.shared == v
         # rank - #(higher levels ahead) >= 1 at level-v entries (elsewhere it may be 0, unused).
         prec = torch.where(pert, self.cumulative(v) / (self.rank_f - self.at_least[v + 1]), 0.0)
         npert = self.totals(v) - self.totals(v + 1)
@@ -394,22 +396,22 @@ _BINS_PER_ITEM = 2
 
 def rank_relevant(
     scores,
-    levels,
+    shared,
     exclude=None,
     num_levels: int | None = None,
     check: bool = True,
     workspace: Workspace | None = None,
 ) -> RankedRelevant:
-    """Exact ranks of the relevant items (``levels > 0``) in each query's full ranking.
+    """Exact ranks of the relevant items (``shared > 0``) in each query's full ranking.
 
     Args:
         scores: (Q, G) similarities, higher first; ties go to the lower gallery index.
-        levels: (Q, G) integer (or boolean) levels; items with level 0 are not relevant but still
-            take part in the ranking.
+        shared: (Q, G) integer shared levels v (or a boolean positive mask); items with v = 0 are
+            not relevant but still take part in the ranking.
         exclude: optional (Q,) gallery index to drop from each query's ranking (-1: none), e.g. the
             query itself in the same-set protocol.
-        num_levels: largest level (default: the largest level present).
-        check: validate the inputs (finite scores, levels >= 0); callers that already did skip it.
+        num_levels: largest shared level (default: the largest present).
+        check: validate the inputs (finite scores, shared >= 0); callers that already did skip it.
         workspace: a :class:`Workspace` to reuse scratch memory over repeated calls.
 
     No gallery is sorted. The scores of each query are bucketed into 2G uniform bins (a monotone
@@ -419,7 +421,7 @@ def rank_relevant(
     lists each query's relevant items in ranking order. Memory is O(Q * G).
     """
     S = _as_scores(scores, check=check)
-    lv = _as_levels(levels, S, "levels") if check else levels
+    lv = _as_shared(shared, S, "shared") if check else shared
     Q, G = S.shape
     dev = S.device
     i64 = torch.int64
@@ -451,11 +453,11 @@ def rank_relevant(
     rr = flat_r // G
     count = torch.bincount(rr, minlength=Q) if rr.numel() else torch.zeros(Q, dtype=i64, device=dev)
     width = int(count.max()) if Q else 0
-    level = torch.zeros(Q, width, dtype=i64, device=dev)
+    out_shared = torch.zeros(Q, width, dtype=i64, device=dev)
     rank = (gsize + 1)[:, None].expand(Q, width).clone()
     item = torch.full((Q, width), -1, dtype=i64, device=dev)
     if rr.numel() == 0:
-        return RankedRelevant(level, rank, item, count, gsize, num_levels)
+        return RankedRelevant(out_shared, rank, item, count, gsize, num_levels)
 
     # Uniform bins over each query's score range. The excluded item (often the query itself, far
     # above the rest) is left out of the range: it is put at the bottom, where it is counted out
@@ -525,12 +527,12 @@ def rank_relevant(
     dst = torch.arange(flat_k.numel(), device=dev).sub_(first.index_select(0, row_k)).add_(row_k * width)
 
     if lv.dtype == torch.bool:
-        level.view(-1).index_fill_(0, dst, 1)
+        out_shared.view(-1).index_fill_(0, dst, 1)
     else:
-        level.view(-1).index_copy_(0, dst, lv.reshape(-1).index_select(0, flat_k).to(i64))
+        out_shared.view(-1).index_copy_(0, dst, lv.reshape(-1).index_select(0, flat_k).to(i64))
     rank.view(-1).index_copy_(0, dst, rank_k)
     item.view(-1).index_copy_(0, dst, flat_k - row_k * G)
-    return RankedRelevant(level, rank, item, count, gsize, num_levels)
+    return RankedRelevant(out_shared, rank, item, count, gsize, num_levels)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -593,7 +595,7 @@ def h_average_precision(scores, relevance, shared_levels=None) -> torch.Tensor:
         raise ValueError("relevance must be finite and >= 0")
     positive = rel > 0
     if shared_levels is not None:
-        V = _as_levels(shared_levels, S).to(torch.int64)
+        V = _as_shared(shared_levels, S).to(torch.int64)
         if bool((positive & (V == 0)).any()):
             raise ValueError("relevance is > 0 for an item with shared level 0; items sharing nothing must have relevance 0")
         groups = torch.where(positive, V, torch.zeros_like(V))
@@ -613,7 +615,7 @@ def ndcg(scores, shared_levels) -> torch.Tensor:
     those gains on tie-free scores (scikit-learn averages the gains of tied items instead).
     """
     S = _as_scores(scores)
-    return rank_relevant(S, _as_levels(shared_levels, S)).ndcg()
+    return rank_relevant(S, _as_shared(shared_levels, S)).ndcg()
 
 
 def asi(scores, shared_levels, num_levels: int | None = None) -> torch.Tensor:
@@ -623,7 +625,7 @@ def asi(scores, shared_levels, num_levels: int | None = None) -> torch.Tensor:
     and ASI = (1/R) sum_{n=1..R} SI(n). ``num_levels`` (L) defaults to the largest V present.
     """
     S = _as_scores(scores)
-    V = _as_levels(shared_levels, S)
+    V = _as_shared(shared_levels, S)
     if num_levels is not None and V.numel() and int(V.max()) > num_levels:
         raise ValueError(f"shared_levels has a value {int(V.max())} > num_levels={num_levels}")
     return rank_relevant(S, V, num_levels=num_levels).asi()
@@ -638,17 +640,17 @@ def ap_exclusive(scores, shared_levels, v: int) -> torch.Tensor:
     if int(v) < 1:
         raise ValueError(f"AP#v needs a level v >= 1, got {v}")
     S = _as_scores(scores)
-    return rank_relevant(S, _as_levels(shared_levels, S)).ap_exclusive(int(v))
+    return rank_relevant(S, _as_shared(shared_levels, S)).ap_exclusive(int(v))
 
 
 # ----------------------------------------------------------------------------------------------
 # One explicit ranking (tutorials, hand-worked examples)
 
 
-def _ranking_inputs(ranked_levels, num_levels, relevance, alpha, weights, count_query):
+def _ranking_inputs(ranked_shared, num_levels, relevance, alpha, weights, count_query):
     from hapkit.hierarchy import relevance as make_relevance
 
-    V = torch.as_tensor(list(ranked_levels), dtype=torch.int64).view(1, -1)
+    V = torch.as_tensor(list(ranked_shared), dtype=torch.int64).view(1, -1)
     if V.numel() == 0:
         raise ValueError("the ranking is empty")
     if num_levels is None:
@@ -664,7 +666,7 @@ def _ranking_inputs(ranked_levels, num_levels, relevance, alpha, weights, count_
 
 
 def ranking_metrics(
-    ranked_levels: Sequence[int],
+    ranked_shared: Sequence[int],
     num_levels: int | None = None,
     relevance: str | Sequence[float] = "pop",
     alpha: float = 1.0,
@@ -674,12 +676,12 @@ def ranking_metrics(
 ) -> dict[str, float]:
     """Every metric of one explicit ranking, given as the shared level V of each item in rank order.
 
-    ``ranked_levels=[2, 0, 1, 2]`` reads "rank 1 shares 2 levels with the query, rank 2 nothing...".
+    ``ranked_shared=[2, 0, 1, 2]`` reads "rank 1 shares 2 levels with the query, rank 2 nothing...".
     Binary metrics use level c (0 = finest) with positives V >= num_levels - c; names as in
     :func:`hapkit.evaluate.evaluate` (``H-AP``, ``AP@0``, ``R@1@0``...). ``relevance`` is a
     :func:`hapkit.hierarchy.relevance` kind or one value per item.
     """
-    V, S, rel, L = _ranking_inputs(ranked_levels, num_levels, relevance, alpha, weights, count_query)
+    V, S, rel, L = _ranking_inputs(ranked_shared, num_levels, relevance, alpha, weights, count_query)
     rr = rank_relevant(S, V, num_levels=L)
     out = {
         "H-AP": float(h_average_precision(S, rel, V if isinstance(relevance, str) else None)[0]),
@@ -699,7 +701,7 @@ def ranking_metrics(
 
 
 def h_rank_table(
-    ranked_levels: Sequence[int],
+    ranked_shared: Sequence[int],
     num_levels: int | None = None,
     relevance: str | Sequence[float] = "pop",
     alpha: float = 1.0,
@@ -714,7 +716,7 @@ def h_rank_table(
     """
     import pandas as pd
 
-    V, _, rel, L = _ranking_inputs(ranked_levels, num_levels, relevance, alpha, weights, count_query)
+    V, _, rel, L = _ranking_inputs(ranked_shared, num_levels, relevance, alpha, weights, count_query)
     v, r = V[0], rel[0]
     n = v.numel()
     ranks = torch.arange(1, n + 1, dtype=_F64)

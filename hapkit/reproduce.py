@@ -6,7 +6,7 @@ Each run executes ``notebooks/03_training.ipynb`` with its own parameters into i
 batch continues where it stopped (an interrupted run resumes from its checkpoint). The runs are
 then joined, with papermill's recorded parameters and durations, into ``<out>/runs.csv`` and a
 summary, mean +/- std over seeds beside the published numbers, in ``<out>/summary.csv`` and
-``<out>/summary.md``.
+``<out>/summary.md`` (the tables of :mod:`hapkit.results`).
 
     hapkit reproduce                             # HAPPIER, SupAP, Smooth-AP, HPL on the generated data
     hapkit reproduce --seeds 3 --jobs 2
@@ -17,7 +17,6 @@ summary, mean +/- std over seeds beside the published numbers, in ``<out>/summar
 from __future__ import annotations
 
 import json
-import math
 import multiprocessing
 import os
 import time
@@ -25,97 +24,26 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
+
+from hapkit.results import METRICS_FILE, collect_runs, summarize, write_summary
 
 __all__ = [
     "DEFAULT_METHODS",
     "DEFAULT_DATASETS",
+    "TRAINING_NOTEBOOK",
     "RunSpec",
     "find_notebook",
     "plan_grid",
     "run_grid",
     "run_notebooks",
     "reproduce_all",
-    "collect_runs",
-    "summarize",
-    "format_markdown",
-    "write_run_metrics",
-    "metrics_frame",
-    "headline_metrics",
 ]
 
 DEFAULT_METHODS = ("happier", "supap", "smoothap", "hpl")
 DEFAULT_DATASETS = ("generated",)
 TRAINING_NOTEBOOK = "03_training.ipynb"
-METRICS_FILE = "metrics.json"
-
-
-# ------------------------------------------------------------------------ one run's results
-
-
-def headline_metrics(metrics: dict) -> dict:
-    """The metrics the summary compares, without their eval-set prefix.
-
-    From the ``overall/`` means when the dataset has several eval sets (DyML), otherwise from the
-    first eval set: ``R@1`` (finest level), ``AP@c`` for every level c, ``H-AP``, ``ASI``, ``NDCG``.
-    """
-    prefixes = sorted({k.split("/", 1)[0] for k in metrics if "/" in k})
-    if not prefixes:
-        return {}
-    prefix = "overall" if "overall" in prefixes else prefixes[0]
-    own = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith(prefix + "/")}
-    out = {}
-    if "R@1@0" in own:
-        out["R@1"] = own["R@1@0"]
-    levels = sorted(int(k[3:]) for k in own if k.startswith("AP@") and k[3:].isdigit())
-    out.update({f"AP@{c}": own[f"AP@{c}"] for c in levels})
-    out.update({k: own[k] for k in ("H-AP", "ASI", "NDCG") if k in own})
-    return out
-
-
-def metrics_frame(metrics: dict, level_names=None) -> pd.DataFrame:
-    """A tidy table of flat ``"<set>/<metric>"`` results: one row per metric, one column per set (%)."""
-    rows: dict = {}
-    for key, value in metrics.items():
-        where, name = key.split("/", 1) if "/" in key else ("", key)
-        if level_names and "@" in name:
-            head, _, col = name.rpartition("@")
-            if col.isdigit() and int(col) < len(level_names):
-                name = f"{head}@{level_names[int(col)]}"
-        rows.setdefault(name, {})[where] = 100.0 * value
-    frame = pd.DataFrame.from_dict(rows, orient="index")
-    frame.index.name = "metric (%)"
-    return frame.round(2)
-
-
-def write_run_metrics(output_dir, result, cfg, dataset: str | None = None, seed: int | None = None,
-                      level_names=None) -> Path:
-    """Write ``metrics.json`` of a finished training run (read back by :func:`collect_runs`)."""
-    from hapkit.config import to_dict
-
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "recipe": cfg.name,
-        "method": cfg.method,
-        "dataset": dataset or cfg.data.dataset,
-        "seed": cfg.seed if seed is None else seed,
-        "epochs": cfg.train.epochs,
-        "steps": int(result.global_step),
-        "level_names": list(level_names) if level_names is not None else None,
-        "metrics": {k: float(v) for k, v in result.metrics.items()},
-        "headline": headline_metrics(result.metrics),
-        "reported": dict(cfg.reported),
-        "train_time_s": float(result.history["time_s"].sum()) if "time_s" in result.history else None,
-        "config": to_dict(cfg),
-    }
-    path = out / METRICS_FILE
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)  # complete or absent: a half-written file must not mark a run done
-    return path
 
 
 # ------------------------------------------------------------------------------- the grid
@@ -155,7 +83,7 @@ class RunSpec:
 def plan_grid(methods=None, datasets=None, seeds=1, out="results", data_root=None, epochs=None,
               overrides=()) -> list[RunSpec]:
     """The runs of a grid, in order (seed-major, so that a partial batch covers every method)."""
-    from hapkit.recipes import resolve_name
+    from hapkit.training.recipes import resolve_name
 
     methods = list(methods or DEFAULT_METHODS)
     datasets = list(datasets or DEFAULT_DATASETS)
@@ -254,7 +182,7 @@ def run_grid(methods=None, datasets=None, seeds=1, data_root=None, out="results"
     if len(todo) < len(specs) and progress:
         print(f"{len(specs) - len(todo)} of {len(specs)} runs already complete, skipped")
     failures = _run_all(jobs_list, jobs, progress, "reproduce")
-    runs = collect_runs(out, specs)
+    runs = collect_runs(out, [s.run_dir for s in specs])
     summary = summarize(runs)
     write_summary(out, runs, summary)
     if failures:
@@ -311,130 +239,3 @@ def reproduce_all(out="results", jobs=1, force=False, timeout=None, progress=Tru
     """Every notebook of ``notebooks/`` into ``<out>/notebooks``, then the grid (:func:`run_grid`)."""
     run_notebooks(out=out, jobs=jobs, force=force, timeout=timeout, progress=progress)
     return run_grid(out=out, jobs=jobs, force=force, timeout=timeout, progress=progress, **grid)
-
-
-# --------------------------------------------------------------------------- the tables
-
-
-def _papermill_meta(run_dir: Path) -> dict:
-    path = run_dir / "notebook.ipynb"
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text()).get("metadata", {}).get("papermill", {})
-    except (OSError, ValueError):
-        return {}
-
-
-def collect_runs(out="results", specs=None) -> pd.DataFrame:
-    """One row per complete run under ``<out>/runs`` (or of ``specs``): parameters, duration, metrics.
-
-    Parameters and duration come from papermill's metadata in the executed notebook; metric
-    columns are the headline metrics (:func:`headline_metrics`) and every full metric name.
-    """
-    dirs = [s.run_dir for s in specs] if specs is not None else sorted((Path(out) / "runs").glob("*/seed*"))
-    rows = []
-    for run_dir in dirs:
-        path = Path(run_dir) / METRICS_FILE
-        if not path.is_file():
-            continue
-        data = json.loads(path.read_text())
-        meta = _papermill_meta(Path(run_dir))
-        params = meta.get("parameters", {})
-        row = {
-            "method": params.get("recipe", data.get("method")),
-            "dataset": params.get("dataset", data.get("dataset")),
-            "seed": params.get("seed", data.get("seed")),
-            "recipe": data.get("recipe"),
-            "epochs": data.get("epochs"),
-            "duration_s": meta.get("duration"),
-            "run_dir": str(run_dir),
-            "level_names": data.get("level_names"),
-            "reported": data.get("reported") or {},
-        }
-        row.update(data.get("headline") or headline_metrics(data.get("metrics", {})))
-        row.update({f"metric:{k}": v for k, v in data.get("metrics", {}).items()})
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-SUMMARY_ORDER = ("R@1", "AP@*", "H-AP", "ASI", "NDCG")
-
-
-def _metric_columns(runs: pd.DataFrame) -> list[str]:
-    cols = []
-    for name in SUMMARY_ORDER:
-        if name == "AP@*":
-            levels = sorted(int(c[3:]) for c in runs.columns if c.startswith("AP@") and c[3:].isdigit())
-            cols += [f"AP@{c}" for c in levels]
-        elif name in runs.columns:
-            cols.append(name)
-    return cols
-
-
-def summarize(runs: pd.DataFrame) -> pd.DataFrame:
-    """Mean and std over seeds (in %) of the headline metrics per (method, dataset).
-
-    Columns ``<metric>`` (mean), ``<metric> std`` (NaN for a single seed), ``seeds``,
-    ``duration_s`` (mean per run), ``levels`` (level names, finest first) and ``paper`` (the
-    published numbers of the recipe, e.g. ``"R@1 81.0"``).
-    """
-    if runs.empty:
-        return pd.DataFrame(columns=["method", "dataset", "seeds"])
-    metrics = _metric_columns(runs)
-    rows = []
-    for (method, dataset), group in runs.groupby(["method", "dataset"], sort=False):
-        row = {"method": method, "dataset": dataset, "seeds": len(group)}
-        for m in metrics:
-            values = 100.0 * group[m].astype(float).dropna()
-            row[m] = values.mean() if len(values) else np.nan
-            row[f"{m} std"] = values.std(ddof=1) if len(values) > 1 else np.nan
-        durations = group["duration_s"].dropna()
-        row["duration_s"] = durations.mean() if len(durations) else np.nan
-        names = next((n for n in group["level_names"] if isinstance(n, list)), None)
-        row["levels"] = " / ".join(names) if names else ""
-        reported = next((r for r in group["reported"] if r), {})
-        row["paper"] = ", ".join(f"{k.replace('@0', '') if k.startswith('R@') else k} {v:g}" for k, v in reported.items())
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def _cell(mean, std) -> str:
-    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
-        return "–"
-    if std is None or (isinstance(std, float) and math.isnan(std)):
-        return f"{mean:.2f}"
-    return f"{mean:.2f} ± {std:.2f}"
-
-
-def format_markdown(summary: pd.DataFrame) -> str:
-    """The summary as a Markdown table: mean ± std (%) per metric, published numbers last."""
-    if summary.empty:
-        return "(no complete run)"
-    metrics = [c for c in summary.columns if c in ("R@1", "H-AP", "ASI", "NDCG") or (c.startswith("AP@") and not c.endswith(" std"))]
-    metrics = [m for m in ("R@1",) if m in metrics] + sorted(m for m in metrics if m.startswith("AP@")) + \
-        [m for m in ("H-AP", "ASI", "NDCG") if m in metrics]
-    head = ["method", "dataset", "seeds", *metrics, "paper"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * len(metrics) + ["---"]) + "|"]
-    for _, r in summary.iterrows():
-        cells = [str(r["method"]), str(r["dataset"]), str(r["seeds"])]
-        cells += [_cell(r.get(m), r.get(f"{m} std")) for m in metrics]
-        cells.append(r.get("paper") or "")
-        lines.append("| " + " | ".join(cells) + " |")
-    levels = {r["dataset"]: r["levels"] for _, r in summary.iterrows() if r.get("levels")}
-    notes = ["", "Values in %, mean ± std over seeds. R@1 and AP@c: binary metrics at label level c "
-             "(0 = finest); H-AP, ASI, NDCG: hierarchical metrics over all levels."]
-    notes += [f"Levels of {d}: {lv}." for d, lv in levels.items()]
-    return "\n".join(lines + notes)
-
-
-def write_summary(out, runs: pd.DataFrame, summary: pd.DataFrame) -> None:
-    """``runs.csv`` (one row per run), ``summary.csv`` and ``summary.md`` in ``out``."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    flat = runs.drop(columns=[c for c in ("reported",) if c in runs]).copy()
-    if "level_names" in flat:
-        flat["level_names"] = [" / ".join(n) if isinstance(n, list) else "" for n in flat["level_names"]]
-    flat.to_csv(out / "runs.csv", index=False)
-    summary.to_csv(out / "summary.csv", index=False)
-    (out / "summary.md").write_text("# hapkit reproduction\n\n" + format_markdown(summary) + "\n")

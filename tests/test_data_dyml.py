@@ -66,7 +66,7 @@ def test_train_labels_fine_first_and_first_row_kept(tmp_path, glued):
 def test_eval_sets_one_per_level_with_joint_reindexing(tmp_path):
     write_dyml(tmp_path, variant="animal")
     sets = get_eval_sets("dyml_animal", root=tmp_path)
-    assert [(s.name, s.level) for s in sets] == [("fine", 0), ("middle", 1), ("coarse", 2)]
+    assert [(s.name, s.column) for s in sets] == [("fine", 0), ("middle", 1), ("coarse", 2)]
     fine = sets[0]
     assert fine.gallery_contains_queries and fine.label_column == 0
     assert fine.query.num_levels == fine.gallery.num_levels == 1
@@ -83,7 +83,7 @@ def test_eval_sets_one_per_level_with_joint_reindexing(tmp_path):
 def test_product_all_in_one_test_set(tmp_path):
     write_dyml(tmp_path, variant="product", bmk=False, all_in_one=True)
     (es,) = get_eval_sets("dyml_product", root=tmp_path)
-    assert es.gallery is None and es.level is None and es.query.num_levels == 3 and len(es.query) == 4
+    assert es.gallery is None and es.column is None and es.query.num_levels == 3 and len(es.query) == 4
     assert get_dataset("dyml_product", root=tmp_path, split="test").labels.shape == (4, 3)
     write_dyml(tmp_path / "v", variant="vehicle")
     with pytest.raises(ValueError, match="get_eval_sets"):

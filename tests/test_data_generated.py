@@ -143,19 +143,9 @@ def test_cache_dir_from_environment(tmp_path, monkeypatch):
 
 def test_eval_sets_and_split_errors(cache):
     (es,) = get_eval_sets("generated", root=cache, **TINY)
-    assert es.gallery is None and es.level is None and es.query.split == "test"
+    assert es.gallery is None and es.column is None and es.query.split == "test"
     with pytest.raises(ValueError, match="train"):
         get_dataset("generated", root=cache, split="val", **TINY)
-
-
-def test_sample_grid_and_figure(cache):
-    ds = get_dataset("generated", root=cache, split="train", **TINY)
-    grid = G.sample_grid(ds, per_class=3, classes=[0, 5], level=0, pad=2)
-    assert grid.shape == (2 * 34 + 2, 3 * 34 + 2, 3) and grid.dtype == np.uint8
-    first = grid[2:34, 2:34]
-    assert any(np.array_equal(first, ds.images[i]) for i in np.nonzero(ds.labels[:, 0] == 0)[0])
-    fig = G.sample_figure(ds, per_class=2, classes=[0, 1], level=2)
-    assert list(fig.layout.yaxis.ticktext) == ds.class_names[2][:2]
 
 
 @pytest.mark.slow

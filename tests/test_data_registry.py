@@ -64,5 +64,5 @@ def test_eval_set_label_column():
     ds = InMemoryImageDataset(np.zeros((2, 2, 2, 3), np.uint8), [[0, 0], [1, 0]], name="t", split="test", level_names=["a", "b"])
     single = InMemoryImageDataset(np.zeros((2, 2, 2, 3), np.uint8), [0, 1], name="t", split="q", level_names=["b"])
     assert EvalSet("all", ds).label_column is None
-    assert EvalSet("b", ds, level=1).label_column == 1
-    assert EvalSet("b", single, single, level=1).label_column == 0
+    assert EvalSet("b", ds, column=1).label_column == 1
+    assert EvalSet("b", single, single, column=1).label_column == 0

@@ -144,14 +144,14 @@ def test_m_per_class_errors():
     with pytest.raises(ValueError, match="not divisible by m=5"):
         MPerClassBatchSampler(lab, 12, 5)
     small = np.array([0] * 8 + [1] * 8 + [2] * 2)
-    with pytest.raises(ValueError, match=r"class 2 at level 0 has 2.*drop_small_classes=True"):
+    with pytest.raises(ValueError, match=r"class 2 in column 0 has 2.*drop_small_classes=True"):
         MPerClassBatchSampler(small, 8, 4)
     s = MPerClassBatchSampler(small, 8, 4, drop_small_classes=True)
     assert all(2 not in small[b] for b in s)
     with pytest.raises(ValueError, match="needs 3 classes"):
         MPerClassBatchSampler(small[:16], 12, 4)
-    with pytest.raises(ValueError, match="level 2 is out of range"):
-        MPerClassBatchSampler(lab, 12, 3, level=2)
+    with pytest.raises(ValueError, match="label column 2 is out of range"):
+        MPerClassBatchSampler(lab, 12, 3, column=2)
     # labels are validated as a tree
     with pytest.raises(ValueError, match="two parents"):
         MPerClassBatchSampler(np.array([[0, 0], [0, 1], [1, 1], [1, 1]]), 2, 1)
@@ -159,7 +159,7 @@ def test_m_per_class_errors():
 
 def test_m_per_class_at_a_coarser_level():
     lab = tree_labels()
-    s = MPerClassBatchSampler(lab, 12, 4, level=1)
+    s = MPerClassBatchSampler(lab, 12, 4, column=1)
     check_m_per_class(list(s), lab[:, 1], 12, 4)
 
 
@@ -221,10 +221,10 @@ def test_hierarchical_errors():
     with pytest.raises(ValueError, match="not divisible by samples_per_class"):
         HierarchicalBatchSampler(lab, 24, 5)
     with pytest.raises(ValueError, match="coarser"):
-        HierarchicalBatchSampler(lab, 24, 4, level=0)
+        HierarchicalBatchSampler(lab, 24, 4, column=0)
     with pytest.raises(ValueError, match="fewer than super_classes_per_batch"):
         HierarchicalBatchSampler(lab[lab[:, 1] == 0], 24, 4)
     # level picks the column that defines super-classes
     three = np.concatenate([lab, lab[:, 1:] // 2], axis=1)
-    s = HierarchicalBatchSampler(three, 12, 3, level=2, allow_smaller_batches=False, batches_per_super_tuple=2)
+    s = HierarchicalBatchSampler(three, 12, 3, column=2, allow_smaller_batches=False, batches_per_super_tuple=2)
     assert all(len(set(three[b, 2].tolist())) == 2 for b in s)

@@ -52,7 +52,7 @@ def test_test_split_is_reindexed_on_its_own_and_evaluated_same_set(tmp_path):
     assert te.labels.tolist() == [[0, 0], [0, 0], [1, 1], [2, 2]]
     assert te.class_names[1] == ["bicycle", "cabinet", "chair"]
     (es,) = get_eval_sets("sop", root=tmp_path)
-    assert es.name == "test" and es.gallery is None and es.level is None and len(es.query) == 4
+    assert es.name == "test" and es.gallery is None and es.column is None and len(es.query) == 4
 
 
 def test_missing_dataset_names_path_and_command(tmp_path):

@@ -189,9 +189,9 @@ def test_faiss_and_torch_top_k_paths_agree_with_the_full_ranking(ties):
 
 def test_results_object():
     emb, labels = clustered(n=30, levels=2)
-    res = evaluate(emb, labels, levels=[0], ks=(1, 8), progress=False)
+    res = evaluate(emb, labels, columns=[0], ks=(1, 8), progress=False)
     assert isinstance(res, RetrievalResults)
-    assert list(res.summary) == metric_names(2, levels=[0], ks=(1, 8))
+    assert list(res.summary) == metric_names(2, columns=[0], ks=(1, 8))
     assert list(res.summary) == ["H-AP", "ASI", "NDCG", "AP@0", "mAP@R@0", "P@1@0", "R@1@0", "R@8@0", "AP#1", "AP#2"]
     frame = res.to_frame()
     assert frame.shape == (1, len(res.summary)) and frame.iloc[0].to_dict() == res.summary
@@ -237,8 +237,8 @@ def test_bad_inputs_are_rejected_with_clear_errors():
         evaluate(emb, labels, distractor_embeddings=torch.zeros(3, 5), progress=False)
     with pytest.raises(ValueError, match="unknown metric 'MRR'"):
         evaluate(emb, labels, metrics=["MRR"], progress=False)
-    with pytest.raises(ValueError, match="level 2 does not exist"):
-        evaluate(emb, labels, levels=[2], progress=False)
+    with pytest.raises(ValueError, match="label column 2 does not exist"):
+        evaluate(emb, labels, columns=[2], progress=False)
     with pytest.raises(ValueError, match="relevance 'map' needs one weight per level"):
         evaluate(emb, labels, relevance="map", progress=False)
     with pytest.raises(ValueError, match="floating point"):

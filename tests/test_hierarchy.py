@@ -5,7 +5,7 @@ import torch
 from hapkit.hierarchy import (
     LabelError,
     as_label_tensor,
-    level_counts,
+    shared_counts,
     relevance,
     shared_levels,
 )
@@ -110,7 +110,7 @@ def test_map_relevance_matches_definition():
 
 def test_relevance_zero_for_unrelated_and_counts_query():
     V = torch.tensor([[2, 2, 1, 0]], dtype=torch.uint8)
-    counts = level_counts(V, 2, count_query=True)
+    counts = shared_counts(V, 2, count_query=True)
     assert counts.tolist() == [[1, 1, 3]]
     rel = relevance(V, 2, "pop", count_query=True)
     assert rel.tolist() == [[2 / 3, 2 / 3, 1.0, 0.0]]

@@ -84,15 +84,15 @@ def test_reference_set_and_level():
     labels = torch.stack([fine, fine % 2], dim=1)
     ref_labels = torch.stack([ref_fine, ref_fine % 2], dim=1)
     e, r = F.normalize(raw, dim=1), F.normalize(ref_raw, dim=1)
-    got = ListwiseAP(level=1)(e.float(), labels, r.float(), ref_labels)
+    got = ListwiseAP(column=1)(e.float(), labels, r.float(), ref_labels)
     expected = listwise_reference(e, fine % 2, ref_emb=r, ref_labels=ref_fine % 2)
     assert got.item() == pytest.approx(expected.item(), abs=1e-5)
 
 
 def test_presets():
     assert ListwiseAP().num_bins == 25 and ListwiseAP().sim_range == (0.0, 1.0)
-    sup = ListwiseAP.from_preset("suprank", level=1)
-    assert (sup.num_bins, sup.sim_range, sup.level) == (20, (-1.0, 1.0), 1)
+    sup = ListwiseAP.from_preset("suprank", column=1)
+    assert (sup.num_bins, sup.sim_range, sup.column) == (20, (-1.0, 1.0), 1)
     torch.testing.assert_close(sup.bin_centres()[[0, -1]], torch.tensor([1.0, -1.0]))
     with pytest.raises(ValueError, match="preset"):
         ListwiseAP.from_preset("nope")
@@ -162,7 +162,7 @@ def test_errors():
     with pytest.raises(ValueError, match="sim_range"):
         ListwiseAP(sim_range=(1, 0))
     with pytest.raises(ValueError, match="level"):
-        ListwiseAP(level=2)(e, torch.arange(8) % 2)
+        ListwiseAP(column=2)(e, torch.arange(8) % 2)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import torch
 
 from hapkit.losses.rank import (
     UpperStep,
-    exact_level_counts,
+    exact_shared_counts,
     float32_compute,
     heaviside_step,
     sigmoid_step,
@@ -140,14 +140,14 @@ def test_upper_rank_sum_options_and_float32():
 
 
 def test_upper_rank_sum_checks_shapes():
-    with pytest.raises(ValueError, match="scores and levels"):
+    with pytest.raises(ValueError, match="scores and shared"):
         upper_rank_sum(torch.zeros(3, 4), torch.zeros(3, 5, dtype=torch.long))
 
 
-def test_exact_level_counts_brute_force_with_ties():
+def test_exact_shared_counts_brute_force_with_ties():
     s = random_scores(6, 30, seed=5, ties=True)
     lev = random_levels(6, 30, top=2, seed=5)
-    counts = exact_level_counts(s, lev, 2)
+    counts = exact_shared_counts(s, lev, 2)
     for q in range(6):
         for k in range(30):
             for v in range(3):
@@ -159,12 +159,12 @@ def test_exact_level_counts_brute_force_with_ties():
 # smooth H-AP
 
 
-def dense_smooth_hap(scores, levels, level_rel, step=None):
+def dense_smooth_hap(scores, levels, shared_rel, step=None):
     """SPEC's H-AP surrogate with (Q, M, M) tensors; ignored items (level < 0) removed."""
     step = step or {}
     Q, M = scores.shape
     valid = levels >= 0
-    rel = torch.where(valid, level_rel.gather(1, levels.clamp(min=0)), torch.zeros_like(scores))
+    rel = torch.where(valid, shared_rel.gather(1, levels.clamp(min=0)), torch.zeros_like(scores))
     d = scores[:, None, :] - scores[:, :, None]  # [q, k, j] = s_j - s_k
     not_k = ~torch.eye(M, dtype=torch.bool)[None]
     comp = valid[:, None, :] & not_k
@@ -183,17 +183,17 @@ def test_smooth_hap_matches_dense(ties):
     lev = random_levels(Q, M, top=3, seed=6)
     lev[:, 0] = 3  # every query has something relevant
     lev[:, 1], s[:, 1] = -1, 1.0  # an ignored item above everything (an excluded query itself)
-    level_rel = torch.rand(Q, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    level_rel[:, 0] = 0.0
+    shared_rel = torch.rand(Q, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    shared_rel[:, 0] = 0.0
     x = s.clone().requires_grad_(True)
-    hap, total = smooth_hap(x, lev, level_rel)
+    hap, total = smooth_hap(x, lev, shared_rel)
     (grad,) = torch.autograd.grad(hap.sum(), x)
     xr = s.clone().requires_grad_(True)
-    ref = dense_smooth_hap(xr, lev, level_rel)
+    ref = dense_smooth_hap(xr, lev, shared_rel)
     (grad_ref,) = torch.autograd.grad(ref.sum(), xr)
     torch.testing.assert_close(hap, ref.detach())
     torch.testing.assert_close(grad, grad_ref)
-    expected_total = torch.where(lev >= 0, level_rel.gather(1, lev.clamp(min=0)), 0.0).sum(1)
+    expected_total = torch.where(lev >= 0, shared_rel.gather(1, lev.clamp(min=0)), 0.0).sum(1)
     torch.testing.assert_close(total, expected_total)
 
 

@@ -38,12 +38,12 @@ def dense_step(d, tau=0.01, rho=100.0, delta=0.05, start=0.5, offset=1.44, paper
     return torch.where(d <= 0, sig, torch.where(d <= delta, start + sig, lin))
 
 
-def dense_supap_loss(emb, labels, ref_emb=None, ref_labels=None, level=0, exclude_self=False, **step):
+def dense_supap_loss(emb, labels, ref_emb=None, ref_labels=None, column=0, exclude_self=False, **step):
     """SPEC's SupAP with (Q, M, M) tensors: upper step on negatives, exact step on positives."""
     same = ref_emb is None
     ref_emb = emb if same else ref_emb
     ref_labels = labels if same else ref_labels
-    pos = labels[:, None, level] == ref_labels[None, :, level]
+    pos = labels[:, None, column] == ref_labels[None, :, column]
     Q, M = pos.shape
     keep = torch.ones(Q, M, dtype=torch.bool)
     if same and exclude_self:
@@ -60,10 +60,10 @@ def dense_supap_loss(emb, labels, ref_emb=None, ref_labels=None, level=0, exclud
     return 1.0 - ap[n_pos > 0].mean()
 
 
-def dense_calibration(emb, labels, level=0, pos_margin=0.9, neg_margin=0.6):
+def dense_calibration(emb, labels, column=0, pos_margin=0.9, neg_margin=0.6):
     """Contrastive loss on dot products; each part averaged over its non-zero terms."""
     S = emb @ emb.T
-    same = labels[:, None, level] == labels[None, :, level]
+    same = labels[:, None, column] == labels[None, :, column]
     off = ~torch.eye(len(labels), dtype=torch.bool)
     pos_terms = F.relu(pos_margin - S[same & off])
     neg_terms = F.relu(S[~same] - neg_margin)
@@ -96,9 +96,9 @@ def test_reproduces_authors_reference_value_and_gradient():
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-@pytest.mark.parametrize("level", [0, 1])
-def test_matches_dense_form(seed, level):
-    check(SupAP(level=level), dense_supap_loss, unit(24, 8, seed), two_level_labels(24, seed), level=level)
+@pytest.mark.parametrize("column", [0, 1])
+def test_matches_dense_form(seed, column):
+    check(SupAP(column=column), dense_supap_loss, unit(24, 8, seed), two_level_labels(24, seed), column=column)
 
 
 def test_paper_branch_matches_dense_form_and_differs():
@@ -148,10 +148,10 @@ def test_optimising_embeddings_raises_exact_ap():
 # calibration and ROADMAP
 
 
-@pytest.mark.parametrize("level", [0, 1])
-def test_calibration_matches_dense_form(level):
+@pytest.mark.parametrize("column", [0, 1])
+def test_calibration_matches_dense_form(column):
     emb, labels = unit(20, 6, 6), two_level_labels(20, 6)
-    check(CalibrationLoss(level=level), dense_calibration, emb, labels, level=level)
+    check(CalibrationLoss(column=column), dense_calibration, emb, labels, column=column)
 
 
 def test_calibration_with_the_batch_as_reference_set_equals_same_batch():
@@ -165,17 +165,17 @@ def test_roadmap_is_weighted_sum():
     emb, labels = unit(24, 8, 8).float(), two_level_labels(24, 8)
     ap, cal = SupAP()(emb, labels), CalibrationLoss()(emb, labels)
     assert ROADMAP()(emb, labels).item() == pytest.approx((ap + cal).item(), rel=1e-6)
-    suprank = ROADMAP(weights=(0.9, 0.1), level=1, paper_branch=True)
-    assert suprank.supap.step.paper_branch and suprank.calibration.level == 1
-    expected = 0.9 * SupAP(level=1, paper_branch=True)(emb, labels) + 0.1 * CalibrationLoss(level=1)(emb, labels)
+    suprank = ROADMAP(weights=(0.9, 0.1), column=1, paper_branch=True)
+    assert suprank.supap.step.paper_branch and suprank.calibration.column == 1
+    expected = 0.9 * SupAP(column=1, paper_branch=True)(emb, labels) + 0.1 * CalibrationLoss(column=1)(emb, labels)
     assert suprank(emb, labels).item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 def test_bad_arguments_are_rejected():
     emb, labels = unit(8, 4, 0).float(), two_level_labels(8, 0)
-    with pytest.raises(ValueError, match="level=2"):
-        SupAP(level=2)(emb, labels)
-    with pytest.raises(ValueError, match="level=5"):
-        CalibrationLoss(level=5)(emb, labels)
+    with pytest.raises(ValueError, match="column=2"):
+        SupAP(column=2)(emb, labels)
+    with pytest.raises(ValueError, match="column=5"):
+        CalibrationLoss(column=5)(emb, labels)
     with pytest.raises(ValueError, match="weights"):
         ROADMAP(weights=(1.0,))

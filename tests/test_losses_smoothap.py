@@ -87,23 +87,23 @@ def test_reference_set_and_temperature():
 def test_level_selects_label_column():
     emb, fine = batch(B=12, classes=6)
     labels = torch.stack([fine, fine // 3], dim=1)
-    loss = SmoothAP(level=1)(emb.float(), labels)
+    loss = SmoothAP(column=1)(emb.float(), labels)
     expected = smooth_ap_reference(emb, fine // 3)
     assert float(loss) == pytest.approx(float(expected), abs=1e-5)
 
 
-@pytest.mark.parametrize("chunk_size, budget", [(3, None), (None, 100)])
-def test_chunking_gives_identical_values_and_gradients(monkeypatch, chunk_size, budget):
+@pytest.mark.parametrize("chunk_elements, chunks", [(64, 16), (64 * 3, 6), (None, 1)])
+def test_chunking_gives_identical_values_and_gradients(chunk_elements, chunks):
     from hapkit.losses import smoothap
 
-    if budget is not None:  # automatic chunks under a tiny memory budget: one query each
-        monkeypatch.setattr(smoothap, "DEFAULT_MAX_CHUNK_ELEMENTS", budget)
-        assert len(list(smoothap.query_chunks(torch.full((16,), 4), 16, None))) == 16
+    # 16 queries with 4 positives each against a gallery of 16: 64 values per query
+    budget = chunk_elements if chunk_elements is not None else smoothap.CHUNK_ELEMENTS
+    assert len(list(smoothap.query_chunks(torch.full((16,), 4), 16, budget))) == chunks
     emb, labels = batch(B=16)
     x1 = emb.float().requires_grad_(True)
     x2 = emb.float().requires_grad_(True)
-    v1 = SmoothAP(chunk_size=16)(x1, labels)
-    v2 = SmoothAP(chunk_size=chunk_size)(x2, labels)
+    v1 = SmoothAP()(x1, labels)
+    v2 = SmoothAP(chunk_elements=chunk_elements)(x2, labels)
     v1.backward()
     v2.backward()
     assert v1.item() == pytest.approx(v2.item(), abs=1e-6)
@@ -182,6 +182,6 @@ def test_errors():
     with pytest.raises(NoPositiveError, match="sampler"):
         SmoothAP()(emb, torch.arange(8))
     with pytest.raises(ValueError, match="level"):
-        SmoothAP(level=1)(emb, labels)
+        SmoothAP(column=1)(emb, labels)
     with pytest.raises(ValueError, match="tau"):
         SmoothAP(tau=0.0)

@@ -211,7 +211,7 @@ def test_large_row_with_crowded_bins():
         assert n == len(want)
         assert rr.rank[q, :n].tolist() == [r for r, _ in want]
         assert rr.item[q, :n].tolist() == [j for _, j in want]
-        assert rr.level[q, :n].tolist() == [int(V[q, j]) for _, j in want]
+        assert rr.shared[q, :n].tolist() == [int(V[q, j]) for _, j in want]
 
 
 def test_extreme_and_signed_zero_scores():
@@ -400,7 +400,7 @@ def test_workspace_reuse_does_not_change_results():
         S, V, L = random_case(rng)
         a = M.rank_relevant(S, V, num_levels=L)
         b = M.rank_relevant(S, V, num_levels=L, workspace=ws)
-        assert torch.equal(a.rank, b.rank) and torch.equal(a.item, b.item) and torch.equal(a.level, b.level)
+        assert torch.equal(a.rank, b.rank) and torch.equal(a.item, b.item) and torch.equal(a.shared, b.shared)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,16 +13,8 @@ import pytest
 
 from hapkit import reproduce
 from hapkit.cli import main
-from hapkit.reproduce import (
-    collect_runs,
-    format_markdown,
-    headline_metrics,
-    metrics_frame,
-    plan_grid,
-    run_grid,
-    run_notebooks,
-    summarize,
-)
+from hapkit.reproduce import plan_grid, run_grid, run_notebooks
+from hapkit.results import collect_runs
 
 FAKE_BODY = '''
 import json, pathlib
@@ -59,39 +51,6 @@ def write_notebook(path, *sources, params=PARAMS):
     return path
 
 
-def test_headline_metrics_prefers_overall_and_orders_levels():
-    m = {"test/R@1@0": 0.5, "test/AP@1": 0.2, "test/AP@0": 0.3, "test/H-AP": 0.4, "test/P@1@0": 0.5}
-    assert headline_metrics(m) == {"R@1": 0.5, "AP@0": 0.3, "AP@1": 0.2, "H-AP": 0.4}
-    dyml = {"fine/AP@0": 0.3, "coarse/AP@0": 0.5, "overall/AP@0": 0.4, "overall/R@1@0": 0.6}
-    assert headline_metrics(dyml) == {"R@1": 0.6, "AP@0": 0.4}
-    assert headline_metrics({}) == {}
-
-
-def test_metrics_frame_names_levels_and_sets():
-    frame = metrics_frame({"a/AP@0": 0.5, "a/H-AP": 0.25, "b/AP@0": 0.125}, ["species", "genus"])
-    assert frame.loc["AP@species", "a"] == 50.0 and frame.loc["AP@species", "b"] == 12.5
-    assert frame.loc["H-AP", "a"] == 25.0 and math.isnan(frame.loc["H-AP", "b"])
-
-
-def test_summary_mean_std_and_markdown():
-    runs = pd.DataFrame([
-        {"method": "happier", "dataset": "sop", "seed": s, "R@1": 0.80 + 0.01 * s, "AP@0": 0.5, "H-AP": 0.6,
-         "duration_s": 10.0, "level_names": ["product", "category"], "reported": {"R@1@0": 81.0}}
-        for s in range(3)
-    ] + [{"method": "supap", "dataset": "sop", "seed": 0, "R@1": 0.79, "AP@0": 0.55, "H-AP": 0.5,
-          "duration_s": 12.0, "level_names": ["product", "category"], "reported": {}}])
-    s = summarize(runs).set_index("method")
-    assert s.loc["happier", "seeds"] == 3
-    assert s.loc["happier", "R@1"] == pytest.approx(81.0)
-    assert s.loc["happier", "R@1 std"] == pytest.approx(1.0)  # sample std of 80, 81, 82
-    assert math.isnan(s.loc["supap", "R@1 std"])
-    assert s.loc["happier", "paper"] == "R@1 81"
-    md = format_markdown(summarize(runs))
-    assert "| happier | sop | 3 | 81.00 ± 1.00 | 50.00 ± 0.00 | 60.00 ± 0.00 | R@1 81 |" in md
-    assert "| supap | sop | 1 | 79.00 | 55.00 | 50.00 |  |" in md
-    assert "Levels of sop: product / category." in md
-
-
 def test_plan_grid_is_seed_major_and_checks_recipes(tmp_path):
     specs = plan_grid(["happier", "supap"], ["generated"], 2, out=tmp_path, epochs=3, overrides=["optim.lr=1e-3"])
     assert [s.name for s in specs] == ["happier_generated/seed0", "supap_generated/seed0",
@@ -99,7 +58,7 @@ def test_plan_grid_is_seed_major_and_checks_recipes(tmp_path):
     p = specs[-1].parameters
     assert p["recipe"] == "supap" and p["seed"] == 1 and p["epochs"] == 3 and p["overrides"] == ["optim.lr=1e-3"]
     assert p["output_dir"] == str((tmp_path / "runs" / "supap_generated" / "seed1").resolve())
-    from hapkit.config import ConfigError
+    from hapkit.training.config import ConfigError
 
     with pytest.raises(ConfigError, match="no recipe named 'nope_generated'"):
         plan_grid(["nope"], ["generated"], 1, out=tmp_path)

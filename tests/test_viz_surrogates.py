@@ -4,7 +4,7 @@ import numpy as np
 import plotly.graph_objects as go
 import pytest
 
-from hapkit import viz_surrogates as vs
+from hapkit.viz import surrogates as vs
 
 
 def test_step_curves_upper_step_bounds_heaviside_and_sigmoid_does_not():

@@ -6,7 +6,9 @@
 - :func:`prepare` downloads / lays out a real dataset (``hapkit prepare-data NAME --root DIR``).
 - :class:`HierarchicalBatchSampler`, :class:`MPerClassBatchSampler`: seeded batch samplers
   with resume.
-- :func:`hapkit.data.transforms.build_transforms`: the official and the generated-data transforms.
+- :func:`hapkit.data.transforms.build_transforms`: the official and the generated-data transforms;
+  :mod:`hapkit.data.builder`: datasets and transforms from a recipe's ``data`` section.
+- :class:`EmbeddingSet`: embeddings of a dataset's images with their labels, for figures.
 """
 
 from hapkit.data.base import (
@@ -18,7 +20,11 @@ from hapkit.data.base import (
     ImageFileDataset,
     ImageReadError,
     InMemoryImageDataset,
+    spread_indices,
+    spread_subset,
 )
+from hapkit.data.builder import build_eval_sets, build_split, build_train_set, recipe_transform
+from hapkit.data.embeddings import EmbeddingSet, label_frame
 from hapkit.data.preparation import prepare
 from hapkit.data.registry import DATASETS, dataset_info, dataset_names, get_dataset, get_eval_sets
 from hapkit.data.samplers import HierarchicalBatchSampler, MPerClassBatchSampler
@@ -38,6 +44,14 @@ __all__ = [
     "HierarchicalBatchSampler",
     "MPerClassBatchSampler",
     "build_transforms",
+    "recipe_transform",
+    "build_split",
+    "build_train_set",
+    "build_eval_sets",
+    "spread_indices",
+    "spread_subset",
+    "EmbeddingSet",
+    "label_frame",
     "DataError",
     "DatasetNotFoundError",
     "AnnotationError",

@@ -33,6 +33,8 @@ __all__ = [
     "default_cache_dir",
     "default_data_root",
     "prepare_command",
+    "spread_indices",
+    "spread_subset",
 ]
 
 
@@ -225,17 +227,43 @@ class InMemoryImageDataset(HierarchicalDataset):
         return torch.from_numpy(self.images[index]).permute(2, 0, 1)
 
 
+def spread_indices(n: int, max_items: int | None) -> np.ndarray:
+    """``max_items`` row indices evenly spread over ``range(n)`` (all of them when None or >= n).
+
+    Datasets are stored class by class, so an even spread keeps every class with about the same
+    number of items, unlike taking the first rows.
+    """
+    if max_items is None or max_items >= n:
+        return np.arange(n)
+    if max_items < 1:
+        raise ValueError(f"max_items must be at least 1, got {max_items}")
+    return np.unique(np.linspace(0, n - 1, int(max_items)).round().astype(np.int64))
+
+
+def spread_subset(dataset, max_items: int | None):
+    """``max_items`` items of ``dataset`` evenly spread (:func:`spread_indices`), as a
+    ``torch.utils.data.Subset`` that keeps a ``labels`` array; the dataset itself when all fit."""
+    idx = spread_indices(len(dataset), max_items)
+    if len(idx) == len(dataset):
+        return dataset
+    sub = torch.utils.data.Subset(dataset, idx.tolist())
+    labels = np.asarray(dataset.labels)
+    sub.labels = (labels[:, None] if labels.ndim == 1 else labels)[idx]
+    return sub
+
+
 @dataclass
 class EvalSet:
     """One evaluation protocol of a dataset.
 
     - ``gallery is None``: same-set protocol, every query is ranked against all other images of
-      ``query``; ``level is None`` means every level is evaluated.
+      ``query``; ``column is None`` means every label column is evaluated.
     - ``gallery`` given: query/gallery protocol. DyML's benchmarks are of this kind, one set per
-      level (``level`` = the column of the training hierarchy it probes: 0 fine, 1 middle,
-      2 coarse). Their csv files carry one label per image, so ``query.labels`` and
-      ``gallery.labels`` have a SINGLE column (the label at that level, re-indexed jointly over
-      query and gallery): evaluate column :attr:`label_column`, not column ``level``.
+      level of the hierarchy (``column`` = the label column of the training hierarchy it probes:
+      0 fine, 1 middle, 2 coarse). Their csv files carry one label per image, so
+      ``query.labels`` and ``gallery.labels`` have a SINGLE column (the label of that level,
+      re-indexed jointly over query and gallery): evaluate column :attr:`label_column`, not
+      column ``column``.
     - ``gallery_contains_queries``: the gallery also holds the query images (DyML's benchmark
       galleries do); the reference evaluation drops each query's top-ranked gallery item, taken
       to be the query itself.
@@ -244,15 +272,15 @@ class EvalSet:
     name: str
     query: HierarchicalDataset
     gallery: HierarchicalDataset | None = None
-    level: int | None = None
+    column: int | None = None
     gallery_contains_queries: bool = False
 
     @property
     def label_column(self) -> int | None:
         """Column of ``query.labels`` holding the evaluated level (None: every column)."""
-        if self.level is None:
+        if self.column is None:
             return None
-        return 0 if self.query.num_levels == 1 else self.level
+        return 0 if self.query.num_levels == 1 else self.column
 
 
 def locate(root, name: str, title: str, markers: Sequence[str], subdirs: Sequence[str] = ()) -> Path:

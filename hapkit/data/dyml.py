@@ -167,9 +167,9 @@ def eval_sets(root=None, transform=None, variant: str = "vehicle") -> list[EvalS
     if variant == "product" and not (base / "bmk_fine").is_dir() and (base / ALL_IN_ONE).is_dir():
         return [EvalSet("test", _train_like(base, ALL_IN_ONE, name, title, where, "test", transform))]
     out = []
-    for level, granularity in enumerate(GRANULARITIES):
+    for column, granularity in enumerate(GRANULARITIES):
         sets = _benchmark(base, granularity, name, title, where, transform)
         out.append(
-            EvalSet(granularity, sets["query"], sets["gallery"], level=level, gallery_contains_queries=True)
+            EvalSet(granularity, sets["query"], sets["gallery"], column=column, gallery_contains_queries=True)
         )
     return out

@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 
@@ -44,8 +44,6 @@ __all__ = [
     "load_arrays",
     "cache_path",
     "generated_dataset",
-    "sample_grid",
-    "sample_figure",
 ]
 
 # Bump whenever the rendered pixels or the class structure change: it is part of the cache key.
@@ -379,87 +377,6 @@ def generated_dataset(
         class_names=names,
         transform=transform,
     )
-
-
-# ---------------------------------------------------------------- looking at it
-
-
-def sample_grid(
-    dataset,
-    per_class: int = 8,
-    classes: Sequence[int] | None = None,
-    level: int = 0,
-    pad: int = 2,
-    seed: int = 0,
-) -> np.ndarray:
-    """A uint8 (rows*H, cols*W, 3) image: one row per class of ``level``, ``per_class`` samples.
-
-    ``dataset`` is any dataset with ``.labels`` and ``load_image`` (in-memory or files; file images
-    are resized to the first image's size). ``classes`` defaults to the first 8 classes of the
-    level. Samples are drawn without replacement with ``seed``.
-    """
-    labels = np.asarray(dataset.labels)[:, level]
-    classes = list(range(min(8, int(labels.max()) + 1))) if classes is None else list(classes)
-    rng = np.random.default_rng(seed)
-    tiles: list[list[np.ndarray]] = []
-    shape = None
-    for c in classes:
-        idx = np.nonzero(labels == c)[0]
-        if idx.size == 0:
-            raise ValueError(f"class {c} has no image at level {level}")
-        pick = rng.choice(idx, size=min(per_class, idx.size), replace=False)
-        row = []
-        for i in pick:
-            img = _as_hwc_uint8(dataset.load_image(int(i)), shape)
-            shape = shape or img.shape[:2]
-            row.append(img)
-        tiles.append(row)
-    h, w = shape
-    grid = np.full(
-        (len(classes) * (h + pad) + pad, per_class * (w + pad) + pad, 3), 255, dtype=np.uint8
-    )
-    for r, row in enumerate(tiles):
-        for k, img in enumerate(row):
-            y, x = pad + r * (h + pad), pad + k * (w + pad)
-            grid[y : y + h, x : x + w] = img
-    return grid
-
-
-def _as_hwc_uint8(img, shape) -> np.ndarray:
-    from PIL import Image
-
-    if isinstance(img, Image.Image):
-        if shape is not None and img.size != (shape[1], shape[0]):
-            img = img.resize((shape[1], shape[0]))
-        return np.asarray(img.convert("RGB"), dtype=np.uint8)
-    arr = img.permute(1, 2, 0).numpy() if hasattr(img, "permute") else np.asarray(img)
-    return np.ascontiguousarray(arr, dtype=np.uint8)
-
-
-def sample_figure(dataset, per_class: int = 8, classes=None, level: int = 0, seed: int = 0, scale: int = 3):
-    """A plotly figure of :func:`sample_grid`, each row labelled with its class name."""
-    import plotly.express as px
-
-    labels = np.asarray(dataset.labels)[:, level]
-    classes = list(range(min(8, int(labels.max()) + 1))) if classes is None else list(classes)
-    pad = 2
-    grid = sample_grid(dataset, per_class, classes, level, pad, seed)
-    h = (grid.shape[0] - pad) // len(classes) - pad
-    fig = px.imshow(grid)
-    names = dataset.class_names[level] if dataset.class_names else [str(c) for c in classes]
-    fig.update_yaxes(
-        tickmode="array",
-        tickvals=[pad + r * (h + pad) + h / 2 for r in range(len(classes))],
-        ticktext=[names[c] for c in classes],
-    )
-    fig.update_xaxes(showticklabels=False)
-    fig.update_layout(
-        width=grid.shape[1] * scale + 200,
-        height=grid.shape[0] * scale + 60,
-        margin=dict(l=10, r=10, t=30, b=10),
-        title=f"{dataset.name} ({dataset.split}): samples per {dataset.level_names[level]}",
-    )
-    return fig
 
 
 # ---------------------------------------------------------------- registry entry points

@@ -99,10 +99,10 @@ class _EpochBatchSampler:
             self.set_epoch(epoch + 1)
 
 
-def _column(labels, level: int, what: str) -> np.ndarray:
+def _labels_with_column(labels, column: int, what: str) -> np.ndarray:
     lab = as_label_tensor(labels, name=f"{what} labels").numpy()
-    if not 0 <= level < lab.shape[1]:
-        raise ValueError(f"{what}: level {level} is out of range for labels with {lab.shape[1]} level(s)")
+    if not 0 <= column < lab.shape[1]:
+        raise ValueError(f"{what}: label column {column} is out of range for labels with {lab.shape[1]} level(s)")
     return lab
 
 
@@ -125,7 +125,8 @@ def _pml_random_state(seed_seq: np.random.SeedSequence):
 class HierarchicalBatchSampler(_EpochBatchSampler):
     """Batches made of ``super_classes_per_batch`` super-classes (HAPPIER / SOP recipe).
 
-    Each batch draws ``super_classes_per_batch`` super-classes (labels at column ``level``); half
+    Each batch draws ``super_classes_per_batch`` super-classes (labels in label column
+    ``column``); half
     of the batch (for 2) comes from each, as ``samples_per_class`` images of each of several
     distinct fine classes (column 0). Every combination of super-classes gives
     ``batches_per_super_tuple`` batches per epoch, in shuffled order. SOP recipe: batch 256,
@@ -149,16 +150,16 @@ class HierarchicalBatchSampler(_EpochBatchSampler):
         super_classes_per_batch: int = 2,
         batches_per_super_tuple: int = 5,
         seed: int = 0,
-        level: int = 1,
+        column: int = 1,
         allow_smaller_batches: bool = False,
         num_replicas: int = 1,
         rank: int = 0,
     ):
         super().__init__(batch_size, seed, num_replicas, rank)
-        lab = _column(labels, level, "HierarchicalBatchSampler")
-        if level == 0:
+        lab = _labels_with_column(labels, column, "HierarchicalBatchSampler")
+        if column == 0:
             raise ValueError(
-                "HierarchicalBatchSampler: level must be a coarser column than 0 (the fine classes)"
+                "HierarchicalBatchSampler: column must be a coarser label column than 0 (the fine classes)"
             )
         if super_classes_per_batch < 1 or batch_size % super_classes_per_batch:
             raise ValueError(
@@ -171,19 +172,19 @@ class HierarchicalBatchSampler(_EpochBatchSampler):
                 f"batch_size / super_classes_per_batch = {sub} is not divisible by samples_per_class "
                 f"{samples_per_class}"
             )
-        supers = np.unique(lab[:, level])
+        supers = np.unique(lab[:, column])
         if supers.size < super_classes_per_batch:
             raise ValueError(
-                f"HierarchicalBatchSampler: {supers.size} super-class(es) at level {level}, fewer than "
+                f"HierarchicalBatchSampler: {supers.size} super-class(es) in column {column}, fewer than "
                 f"super_classes_per_batch={super_classes_per_batch}"
             )
         if not allow_smaller_batches:
             need = sub // samples_per_class
             for s in supers:
-                n_fine = np.unique(lab[lab[:, level] == s, 0]).size
+                n_fine = np.unique(lab[lab[:, column] == s, 0]).size
                 if n_fine < need:
                     raise ValueError(
-                        f"HierarchicalBatchSampler: super-class {int(s)} (level {level}) has {n_fine} fine "
+                        f"HierarchicalBatchSampler: super-class {int(s)} (column {column}) has {n_fine} fine "
                         f"class(es) but each batch needs {need} from it ({sub} images / "
                         f"{samples_per_class} per class): lower batch_size, raise samples_per_class, or "
                         f"pass allow_smaller_batches=True"
@@ -191,7 +192,7 @@ class HierarchicalBatchSampler(_EpochBatchSampler):
         self.samples_per_class = int(samples_per_class)
         self.super_classes_per_batch = int(super_classes_per_batch)
         self.batches_per_super_tuple = int(batches_per_super_tuple)
-        self.level = int(level)
+        self.column = int(column)
         with _pml_random_state(np.random.SeedSequence([self.seed, 2**31])):
             self._pml = _PMLHierarchicalSampler(
                 lab,
@@ -200,7 +201,7 @@ class HierarchicalBatchSampler(_EpochBatchSampler):
                 batches_per_super_tuple=batches_per_super_tuple,
                 super_classes_per_batch=super_classes_per_batch,
                 inner_label=0,
-                outer_label=level,
+                outer_label=column,
             )
 
     def _make_batches(self, seed_seq):
@@ -216,7 +217,7 @@ class HierarchicalBatchSampler(_EpochBatchSampler):
         return (
             f"HierarchicalBatchSampler(batch_size={self.batch_size}, samples_per_class="
             f"{self.samples_per_class}, super_classes_per_batch={self.super_classes_per_batch}, "
-            f"batches_per_super_tuple={self.batches_per_super_tuple}, level={self.level}, "
+            f"batches_per_super_tuple={self.batches_per_super_tuple}, column={self.column}, "
             f"seed={self.seed})"
         )
 
@@ -245,7 +246,7 @@ class MPerClassBatchSampler(_EpochBatchSampler):
         batch_size: int,
         m: int,
         seed: int = 0,
-        level: int = 0,
+        column: int = 0,
         drop_small_classes: bool = False,
         num_replicas: int = 1,
         rank: int = 0,
@@ -258,9 +259,9 @@ class MPerClassBatchSampler(_EpochBatchSampler):
                 f"batch_size {batch_size} is not divisible by m={m}: a batch holds batch_size // m "
                 f"classes of exactly m images each"
             )
-        lab = _column(labels, level, "MPerClassBatchSampler")[:, level]
+        lab = _labels_with_column(labels, column, "MPerClassBatchSampler")[:, column]
         self.m = int(m)
-        self.level = int(level)
+        self.column = int(column)
         self.classes_per_batch = batch_size // self.m
         order = np.argsort(lab, kind="stable")
         classes, starts, counts = np.unique(lab[order], return_index=True, return_counts=True)
@@ -269,7 +270,7 @@ class MPerClassBatchSampler(_EpochBatchSampler):
             worst = int(np.argmin(counts))
             raise ValueError(
                 f"MPerClassBatchSampler: {int(small.sum())} class(es) have fewer than m={self.m} images "
-                f"(e.g. class {int(classes[worst])} at level {level} has {int(counts[worst])}); they "
+                f"(e.g. class {int(classes[worst])} in column {column} has {int(counts[worst])}); they "
                 f"could never be sampled without replacement. Lower m, or pass "
                 f"drop_small_classes=True to leave them out (as the reference sampler does)."
             )
@@ -324,6 +325,6 @@ class MPerClassBatchSampler(_EpochBatchSampler):
 
     def __repr__(self):
         return (
-            f"MPerClassBatchSampler(batch_size={self.batch_size}, m={self.m}, level={self.level}, "
+            f"MPerClassBatchSampler(batch_size={self.batch_size}, m={self.m}, column={self.column}, "
             f"classes={self.num_classes}, seed={self.seed})"
         )

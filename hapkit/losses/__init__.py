@@ -1,13 +1,17 @@
 """Ranking and hierarchical losses, with pytorch-metric-learning's call shape.
 
 Every loss is called as ``loss(embeddings, labels, ref_emb=None, ref_labels=None)`` with labels of
-shape (B, L), finest level first, and returns a scalar tensor. Submodules are imported on first
-use so that ``import hapkit.losses`` stays cheap.
+shape (B, L), finest level first, and returns a scalar tensor. Every loss derives from
+:class:`~hapkit.losses.base.HapkitLoss`, which declares what a training loop needs to know about
+it. Submodules are imported on first use so that ``import hapkit.losses`` stays cheap.
 """
 
-from importlib import import_module
+from hapkit._lazy import lazy_exports
 
 _WHERE = {
+    "HapkitLoss": "base",
+    "NoPositiveError": "base",
+    "UpperStep": "rank",
     "HAPLoss": "happier",
     "ClusterLoss": "happier",
     "HAPPIER": "happier",
@@ -25,14 +29,4 @@ _WHERE = {
 
 __all__ = sorted(_WHERE)
 
-
-def __getattr__(name):
-    if name in _WHERE:
-        value = getattr(import_module(f"{__name__}.{_WHERE[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE)

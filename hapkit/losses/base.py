@@ -1,18 +1,81 @@
-"""Input handling shared by every loss: shapes, label trees, reference sets and float32 compute."""
+"""What every loss shares: the base class and its declarations, input handling, and the one copy
+of each small rule (the label-column check, the "no positive" check, the reduction over queries,
+the memory budget of chunked computations).
+
+Two indices of the hierarchy are named apart throughout :mod:`hapkit.losses`: a label column
+``column`` (c: 0 = finest, the positives of a binary loss share the query's label there) and a
+number of shared levels ``shared`` (v: 0 = unrelated, L = same fine class, see
+:func:`hapkit.hierarchy.shared_levels`).
+"""
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
+from typing import ClassVar
 
+import numpy as np
 import torch
+from torch import nn
 
 from hapkit.hierarchy import as_label_tensor
 
-__all__ = ["LossInputs", "prepare_inputs", "NoPositiveError", "require_other_positive"]
+__all__ = [
+    "HapkitLoss",
+    "LossInputs",
+    "prepare_inputs",
+    "NoPositiveError",
+    "require_other_positive",
+    "check_column",
+    "ranking_mask",
+    "binary_positives",
+    "reduce_queries",
+    "chunk_elements_for",
+]
 
 
 class NoPositiveError(ValueError):
     """A batch in which no query has a positive: the sampler must put several images per class."""
+
+
+class HapkitLoss(nn.Module):
+    """Base class of hapkit's losses: what a training loop needs to know, declared by the loss.
+
+    Class attributes (read by :mod:`hapkit.training.engine`, never guessed from class names):
+
+    - ``takes_reference_set``: the loss ranks queries against a reference set passed as
+      ``ref_emb`` / ``ref_labels`` (rank losses); with several processes the engine gives it the
+      gathered global batch. False for losses against learned proxies or class weights, which
+      see the local batch (their mean over samples makes DDP's gradient averaging exact).
+    - ``parameter_group``: the recipe's optimiser group (``optim.<group>``) of the loss's own
+      learnable parameters, when it has any (proxies, class weights).
+
+    :meth:`training_kwargs` fills the constructor arguments that come from the training data
+    (class counts, embedding size, hierarchy, seed) when a recipe leaves them out.
+    """
+
+    takes_reference_set: ClassVar[bool] = True
+    parameter_group: ClassVar[str] = "loss"
+
+    @classmethod
+    def training_kwargs(cls, kwargs: dict, train_labels: np.ndarray, embedding_size: int, seed: int) -> dict:
+        """``kwargs`` completed with what the constructor takes and the recipe did not give:
+        ``num_classes`` (fine classes of the training labels), ``embedding_size``, ``hierarchy``
+        (the (N, L) training labels) and ``seed``."""
+        params = inspect.signature(cls.__init__).parameters
+        labels = np.asarray(train_labels)
+        labels = labels[:, None] if labels.ndim == 1 else labels
+        filled = dict(kwargs)
+        defaults = {
+            "num_classes": lambda: int(labels[:, 0].max()) + 1,
+            "embedding_size": lambda: int(embedding_size),
+            "hierarchy": lambda: labels,
+            "seed": lambda: int(seed),
+        }
+        for name, value in defaults.items():
+            if name in params and name not in filled:
+                filled[name] = value()
+        return filled
 
 
 @dataclass
@@ -38,7 +101,7 @@ def prepare_inputs(
     """Validate a loss call and return float32 embeddings and (B, L) int64 labels on one device.
 
     Losses compute in float32 even under ``torch.autocast``: callers wrap their body in
-    ``torch.autocast(device_type, enabled=False)`` and call this first.
+    :func:`hapkit.losses.rank.float32_compute` and call this first.
     """
     if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2:
         shape = tuple(embeddings.shape) if isinstance(embeddings, torch.Tensor) else type(embeddings)
@@ -70,6 +133,15 @@ def prepare_inputs(
     return LossInputs(emb, labels, ref_emb.to(device).float(), ref_labels, False)
 
 
+def check_column(column, num_levels: int, loss_name: str) -> None:
+    """Raise when ``column`` is not a label column of labels with ``num_levels`` levels."""
+    if isinstance(column, bool) or not isinstance(column, (int, np.integer)) or not 0 <= column < num_levels:
+        raise ValueError(
+            f"{loss_name}: column={column!r} but the labels have {num_levels} level(s); column selects "
+            f"the label column that defines positives (0 = finest ... {num_levels - 1} = coarsest)"
+        )
+
+
 def require_other_positive(related: torch.Tensor, inputs: LossInputs, what: str, loss_name: str) -> None:
     """Raise :class:`NoPositiveError` when no query has a related item other than itself.
 
@@ -86,3 +158,43 @@ def require_other_positive(related: torch.Tensor, inputs: LossInputs, what: str,
             f"some class in every batch (e.g. pytorch_metric_learning.samplers.MPerClassSampler "
             f"with m >= 2, or hapkit.data.samplers.HierarchicalBatchSampler)."
         )
+
+
+def ranking_mask(inputs: LossInputs, exclude_self: bool) -> torch.Tensor:
+    """(B, M) bool: which reference items take part in each query's ranking.
+
+    In the same-set case the query is its own top-ranked positive by default (SPEC, "Batch
+    surrogates"); ``exclude_self`` removes it, as in the evaluation protocol.
+    """
+    B, M = inputs.embeddings.shape[0], inputs.ref_emb.shape[0]
+    mask = torch.ones(B, M, dtype=torch.bool, device=inputs.embeddings.device)
+    if inputs.same_set and exclude_self:
+        mask.fill_diagonal_(False)
+    return mask
+
+
+def binary_positives(inputs: LossInputs, column: int, ranking: torch.Tensor, loss_name: str) -> torch.Tensor:
+    """(B, M) bool: reference items in the ranking that share the query's label in ``column``
+    (raises :class:`NoPositiveError` when no query has one besides itself)."""
+    check_column(column, inputs.num_levels, loss_name)
+    pos = inputs.labels[:, column, None] == inputs.ref_labels[None, :, column]
+    require_other_positive(pos, inputs, f"shares its label in column {column}", loss_name)
+    return pos & ranking
+
+
+def reduce_queries(per_query: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """1 - mean of a per-query surrogate over the queries whose ``weight`` (their number of
+    positives, or total relevance) is positive; the others have no defined value. No host
+    synchronisation (a boolean index would need one)."""
+    valid = weight > 0
+    return 1.0 - (per_query * valid).sum() / valid.sum()
+
+
+def chunk_elements_for(chunk_elements: int | None, device: torch.device, cpu: int, gpu: int) -> int:
+    """The memory knob of chunked losses: ``chunk_elements`` (values of the largest intermediate
+    tensor of one chunk) when given, else the loss's default for the device type."""
+    if chunk_elements is None:
+        return cpu if device.type == "cpu" else gpu
+    if int(chunk_elements) < 1:
+        raise ValueError(f"chunk_elements must be a positive number of values, got {chunk_elements}")
+    return int(chunk_elements)

@@ -26,8 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hapkit.hierarchy import relevance, shared_levels
-from hapkit.losses.base import LossInputs, prepare_inputs
-from hapkit.losses.rank import UpperStep, check_has_positive, float32_compute, reduce_queries, smooth_hap
+from hapkit.losses.base import HapkitLoss, LossInputs, check_column, prepare_inputs, reduce_queries
+from hapkit.losses.rank import DEFAULT_STEP, UpperStep, check_has_positive, float32_compute, smooth_hap
 
 __all__ = ["HAPLoss", "ClusterLoss", "HAPPIER", "batch_relevance"]
 
@@ -39,11 +39,12 @@ def batch_relevance(
     weights: Sequence[float] | None = None,
     exclude_self: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Relevance levels and per-level relevance of the ranked set, for :func:`rank.smooth_hap`.
+    """Shared levels and their relevance over the ranked set, for :func:`rank.smooth_hap`.
 
-    Returns ``levels`` (Q, M) int64 = V(q, k), -1 for the query itself when it is excluded, and
-    ``level_relevance`` (Q, L + 1) float32, counted over the ranked set (the query included
-    unless excluded), as in the reference training code.
+    Returns ``shared`` (Q, M) int64 = V(q, k), -1 for the query itself when it is excluded, and
+    ``shared_relevance`` (Q, L + 1) float32: the relevance of each shared level v for each query,
+    counted over the ranked set (the query included unless excluded), as in the reference
+    training code.
     """
     V = shared_levels(inputs.labels, inputs.ref_labels)
     L = inputs.num_levels
@@ -56,16 +57,16 @@ def batch_relevance(
         rel.masked_scatter_(others, rel_others)
     else:
         rel = relevance(V, L, kind, alpha, weights, dtype=torch.float32)
-    levels = V.long()
-    # relevance depends on (query, level) only: read one value per level back
-    level_rel = torch.zeros(V.shape[0], L + 1, dtype=torch.float32, device=V.device)
-    level_rel.scatter_reduce_(1, levels, rel, reduce="amax")
+    shared = V.long()
+    # relevance depends on (query, shared level) only: read one value per level back
+    shared_rel = torch.zeros(V.shape[0], L + 1, dtype=torch.float32, device=V.device)
+    shared_rel.scatter_reduce_(1, shared, rel, reduce="amax")
     if drop_self:
-        levels.fill_diagonal_(-1)
-    return levels, level_rel
+        shared.fill_diagonal_(-1)
+    return shared, shared_rel
 
 
-class HAPLoss(nn.Module):
+class HAPLoss(HapkitLoss):
     """HAPPIER's H-AP loss: 1 - mean over queries of the surrogate H-AP (Ramzi et al., ECCV 2022).
 
     For a query q and a relevant item k (V(q, k) >= 1):
@@ -92,11 +93,11 @@ class HAPLoss(nn.Module):
 
     def __init__(
         self,
-        tau: float = 0.01,
-        rho: float = 100.0,
-        delta: float = 0.05,
-        start: float = 0.5,
-        offset: float = 1.44,
+        tau: float = DEFAULT_STEP.tau,
+        rho: float = DEFAULT_STEP.rho,
+        delta: float = DEFAULT_STEP.delta,
+        start: float = DEFAULT_STEP.start,
+        offset: float = DEFAULT_STEP.offset,
         relevance: str = "pop",
         alpha: float = 1.0,
         weights: Sequence[float] | None = None,
@@ -124,12 +125,12 @@ class HAPLoss(nn.Module):
                     f"HAPLoss: {len(self.weights)} weights for 'map' relevance but the labels "
                     f"have {x.num_levels} level(s)"
                 )
-            levels, level_rel = batch_relevance(
+            shared, shared_rel = batch_relevance(
                 x, self.relevance, self.alpha, self.weights, self.exclude_self
             )
-            check_has_positive(levels, x, "HAPLoss", "an item sharing at least its coarsest label")
+            check_has_positive(shared, x, "HAPLoss", "an item sharing at least its coarsest label")
             scores = x.embeddings @ x.ref_emb.T
-            return smooth_hap(scores, levels, level_rel, self.step, self.chunk_elements)
+            return smooth_hap(scores, shared, shared_rel, self.step, self.chunk_elements)
 
     def forward(self, embeddings, labels, ref_emb=None, ref_labels=None):
         hap, total = self.per_query(embeddings, labels, ref_emb, ref_labels)
@@ -143,22 +144,24 @@ class HAPLoss(nn.Module):
         )
 
 
-class ClusterLoss(nn.Module):
-    """Normalised-softmax cross-entropy on one label level (HAPPIER's clustering term).
+class ClusterLoss(HapkitLoss):
+    """Normalised-softmax cross-entropy on one label column (HAPPIER's clustering term).
 
     logits = E @ normalize(W)^T / temperature, with W (num_classes, D) an ``nn.Parameter``
     initialised like ``nn.Linear``. HAPPIER trains W with its own optimizer (Adam, lr 10 on SOP,
     cosine decay to 0.1): give ``loss.weight`` (or ``HAPPIER.cluster.parameters()``) to it.
 
     Args:
-        num_classes: number of training classes at ``level``.
+        num_classes: number of training classes in label column ``column``.
         embedding_size: D.
         temperature: T = 0.05.
-        level: label column used as class (0 = finest).
+        column: label column used as class (0 = finest).
     ``ref_emb``/``ref_labels`` are accepted for a uniform call shape and ignored (per-sample loss).
     """
 
-    def __init__(self, num_classes: int, embedding_size: int, temperature: float = 0.05, level: int = 0):
+    takes_reference_set = False
+
+    def __init__(self, num_classes: int, embedding_size: int, temperature: float = 0.05, column: int = 0):
         super().__init__()
         if num_classes < 1 or embedding_size < 1:
             raise ValueError(
@@ -169,7 +172,7 @@ class ClusterLoss(nn.Module):
         self.num_classes = num_classes
         self.embedding_size = embedding_size
         self.temperature = temperature
-        self.level = level
+        self.column = column
         self.weight = nn.Parameter(torch.empty(num_classes, embedding_size))
         bound = 1.0 / math.sqrt(embedding_size)
         nn.init.uniform_(self.weight, -bound, bound)
@@ -182,13 +185,12 @@ class ClusterLoss(nn.Module):
                     f"ClusterLoss: embeddings have {x.embeddings.shape[1]} dims, the class weights "
                     f"{self.embedding_size}"
                 )
-            if not 0 <= self.level < x.num_levels:
-                raise ValueError(f"ClusterLoss: level {self.level} but labels have {x.num_levels} level(s)")
-            target = x.labels[:, self.level]
+            check_column(self.column, x.num_levels, "ClusterLoss")
+            target = x.labels[:, self.column]
             top = int(target.max())
             if top >= self.num_classes:
                 raise ValueError(
-                    f"ClusterLoss: label {top} at level {self.level} but num_classes={self.num_classes}; "
+                    f"ClusterLoss: label {top} in column {self.column} but num_classes={self.num_classes}; "
                     f"labels must be re-indexed to 0..num_classes-1 over the training set"
                 )
             logits = x.embeddings @ F.normalize(self.weight.float(), dim=1).T
@@ -197,11 +199,11 @@ class ClusterLoss(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, "
-            f"temperature={self.temperature}, level={self.level}"
+            f"temperature={self.temperature}, column={self.column}"
         )
 
 
-class HAPPIER(nn.Module):
+class HAPPIER(HapkitLoss):
     """HAPPIER loss = (1 - lambda_) * HAPLoss + lambda_ * ClusterLoss (Ramzi et al., ECCV 2022).
 
     Args:

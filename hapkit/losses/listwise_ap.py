@@ -23,9 +23,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from hapkit.losses.base import prepare_inputs
+from hapkit.losses.base import HapkitLoss, binary_positives, prepare_inputs, ranking_mask, reduce_queries
 from hapkit.losses.rank import float32_compute
-from hapkit.losses.smoothap import binary_positives, ranking_mask
 
 __all__ = ["ListwiseAP", "multistage_backward", "LISTWISE_AP_PRESETS"]
 
@@ -39,14 +38,14 @@ LISTWISE_AP_PRESETS = {
 _EPS = 1e-16
 
 
-class ListwiseAP(nn.Module):
+class ListwiseAP(HapkitLoss):
     """Histogram-binned AP loss (Revaud et al., ICCV 2019): 1 - mean binned AP over the queries.
 
     Args:
         num_bins: Q, number of bins (paper: 25; ROADMAP/SupRank baselines: 20).
         sim_range: (lowest, highest) similarity the bins cover (paper: (0, 1); ROADMAP/SupRank:
             (-1, 1)). Similarities outside it fall entirely into the end bins.
-        level: label column defining positives (0 = finest).
+        column: label column defining positives (0 = finest).
         exclude_self: drop the query from its own ranking (default False, see SPEC).
 
     ``ListwiseAP.from_preset("suprank")`` builds the ROADMAP/SupRank configuration.
@@ -58,7 +57,7 @@ class ListwiseAP(nn.Module):
         self,
         num_bins: int = 25,
         sim_range: Sequence[float] = (0.0, 1.0),
-        level: int = 0,
+        column: int = 0,
         exclude_self: bool = False,
     ):
         super().__init__()
@@ -69,7 +68,7 @@ class ListwiseAP(nn.Module):
             raise ValueError(f"ListwiseAP: sim_range must be (lowest, highest), got {sim_range!r}")
         self.num_bins = num_bins
         self.sim_range = (lo, hi)
-        self.level = level
+        self.column = column
         self.exclude_self = exclude_self
 
     @classmethod
@@ -99,7 +98,7 @@ class ListwiseAP(nn.Module):
         with float32_compute(embeddings.device):
             inp = prepare_inputs(embeddings, labels, ref_emb, ref_labels, "ListwiseAP")
             ranking = ranking_mask(inp, self.exclude_self)
-            pos = binary_positives(inp, self.level, ranking, "ListwiseAP")
+            pos = binary_positives(inp, self.column, ranking, "ListwiseAP")
             scores = inp.embeddings @ inp.ref_emb.T
             member = self.memberships(scores) * ranking.unsqueeze(1)  # (B, Q, M)
             counts = member.sum(-1)  # c_q
@@ -111,11 +110,11 @@ class ListwiseAP(nn.Module):
 
     def forward(self, embeddings, labels, ref_emb=None, ref_labels=None):
         ap, n_pos = self.per_query(embeddings, labels, ref_emb, ref_labels)
-        return 1.0 - ap[n_pos > 0].mean()
+        return reduce_queries(ap, n_pos)
 
     def extra_repr(self) -> str:
         return (
-            f"num_bins={self.num_bins}, sim_range={self.sim_range}, level={self.level}, "
+            f"num_bins={self.num_bins}, sim_range={self.sim_range}, column={self.column}, "
             f"exclude_self={self.exclude_self}"
         )
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hapkit.hierarchy import LabelError, as_label_tensor
-from hapkit.losses.base import prepare_inputs
+from hapkit.losses.base import HapkitLoss, prepare_inputs
 from hapkit.losses.rank import float32_compute
 
 __all__ = ["HierarchicalProxyLoss", "CSLLoss", "PROXY_BASES"]
@@ -38,11 +38,11 @@ def _no_reference(name: str, ref_emb, ref_labels) -> None:
 
 
 def _check_label_range(labels: torch.Tensor, sizes: Sequence[int], name: str) -> None:
-    for level, n in enumerate(sizes):
-        top = int(labels[:, level].max()) if labels.numel() else -1
+    for column, n in enumerate(sizes):
+        top = int(labels[:, column].max()) if labels.numel() else -1
         if top >= n:
             raise LabelError(
-                f"{name}: label {top} at level {level} but only {n} classes were declared for "
+                f"{name}: label {top} in column {column} but only {n} classes were declared for "
                 f"that level; labels must be re-indexed to 0..n-1 per level"
             )
 
@@ -70,7 +70,7 @@ def _kmeans(points: np.ndarray, k: int, seed: int) -> np.ndarray:
     return renumber[ids]
 
 
-class HierarchicalProxyLoss(nn.Module):
+class HierarchicalProxyLoss(HapkitLoss):
     """Hierarchical proxy loss (HPL, Yang et al., WACV 2022): a weighted sum of proxy losses.
 
     ``sum_l level_weights[l] * base_loss_l(embeddings, labels_l)``, one proxy set per level, with
@@ -104,6 +104,18 @@ class HierarchicalProxyLoss(nn.Module):
         recluster_every: training calls between re-clusterings (None: only at construction).
         base_kwargs: passed to the pytorch-metric-learning loss (e.g. ``margin``, ``alpha``).
     """
+
+    takes_reference_set = False
+
+    @classmethod
+    def training_kwargs(cls, kwargs, train_labels, embedding_size, seed):
+        """As :meth:`HapkitLoss.training_kwargs`, with one class count per level of the training
+        labels when the hierarchy is given (no ``num_coarse``)."""
+        labels = np.asarray(train_labels)
+        labels = labels[:, None] if labels.ndim == 1 else labels
+        if "num_classes" not in kwargs and kwargs.get("num_coarse") is None:
+            kwargs = {**kwargs, "num_classes": [int(labels[:, c].max()) + 1 for c in range(labels.shape[1])]}
+        return super().training_kwargs(kwargs, labels, embedding_size, seed)
 
     def __init__(
         self,
@@ -166,15 +178,15 @@ class HierarchicalProxyLoss(nn.Module):
     def num_levels(self) -> int:
         return len(self.sizes)
 
-    def proxies(self, level: int) -> nn.Parameter:
-        """The (num_classes_at_level, D) proxies of one level (0 = finest)."""
-        return self.level_losses[level].proxies
+    def proxies(self, column: int) -> nn.Parameter:
+        """The (num_classes_in_column, D) proxies of one label column (0 = finest)."""
+        return self.level_losses[column].proxies
 
-    def assignment(self, level: int) -> torch.Tensor:
-        """Learned hierarchy: cluster (0..sizes[level]-1) of every class of level - 1."""
-        if not self.learned or not 1 <= level < self.num_levels:
+    def assignment(self, column: int) -> torch.Tensor:
+        """Learned hierarchy: cluster (0..sizes[column]-1) of every class of column - 1."""
+        if not self.learned or not 1 <= column < self.num_levels:
             raise ValueError("assignments exist only for the coarse levels of a learned hierarchy")
-        return getattr(self, f"assignment_{level}")
+        return getattr(self, f"assignment_{column}")
 
     @torch.no_grad()
     def recluster(self) -> None:
@@ -240,7 +252,7 @@ def default_csl_margins(num_levels: int) -> list[float]:
     return [round(0.25 + 0.2 * i / (num_levels - 1), 10) for i in range(num_levels)]
 
 
-class CSLLoss(nn.Module):
+class CSLLoss(HapkitLoss):
     """CSL, the multi-level proxy baseline of HAPPIER (ECCV 2022), one proxy per fine class.
 
     With s the dot products of the embeddings with the L2-normalised proxies, for each level l
@@ -266,6 +278,8 @@ class CSLLoss(nn.Module):
         seed: proxies are initialised like ``nn.Linear`` weights, U(-1/sqrt(D), 1/sqrt(D)), from
             this seed without touching the global random state.
     """
+
+    takes_reference_set = False
 
     def __init__(
         self,

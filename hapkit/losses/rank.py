@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.function import once_differentiable
 
-from hapkit.losses.base import LossInputs, require_other_positive
+from hapkit.losses.base import LossInputs, chunk_elements_for, require_other_positive
 
 __all__ = [
     "sigmoid_step",
@@ -37,12 +37,12 @@ __all__ = [
     "upper_step_derivative",
     "heaviside_step",
     "UpperStep",
+    "DEFAULT_STEP",
     "upper_rank_sum",
-    "exact_level_counts",
+    "exact_shared_counts",
     "smooth_hap",
     "float32_compute",
     "check_has_positive",
-    "reduce_queries",
 ]
 
 # Elements per pair tensor in a chunk: 2**18 float32 = 1 MiB, small enough to stay in cache on a
@@ -55,44 +55,6 @@ GPU_CHUNK_ELEMENTS = 2**24
 def sigmoid_step(d: torch.Tensor, tau: float) -> torch.Tensor:
     """sigmoid(d / tau) with the exponent clamped to [-50, 50] (Smooth-AP's relaxation)."""
     return torch.sigmoid((d / tau).clamp(-50.0, 50.0))
-
-
-def upper_step(
-    d: torch.Tensor,
-    tau: float = 0.01,
-    rho: float = 100.0,
-    delta: float = 0.05,
-    start: float = 0.5,
-    offset: float = 1.44,
-    paper_branch: bool = False,
-) -> torch.Tensor:
-    """SupRank/ROADMAP step: >= the Heaviside step, so smoothed ranks bound true ranks.
-
-    d <= 0: sigmoid_tau(d); 0 < d <= delta: start + sigmoid_tau(d); d > delta: linear with slope
-    rho, rho * (d - delta) + offset (``paper_branch=True``: rho * d + offset, the branch the
-    ROADMAP paper's numbers were trained with). The bound needs start >= 0.5 (defaults); HAPPIER's
-    iNaturalist config (start = 0, offset = 1) dips below 1 on (0, delta].
-    """
-    sig = sigmoid_step(d, tau)
-    lin = rho * (d if paper_branch else d - delta) + offset
-    return torch.where(d <= 0, sig, torch.where(d <= delta, start + sig, lin))
-
-
-def upper_step_derivative(
-    d: torch.Tensor,
-    tau: float = 0.01,
-    rho: float = 100.0,
-    delta: float = 0.05,
-) -> torch.Tensor:
-    """d upper_step / d d: rho on the linear branch, the clamped sigmoid's slope elsewhere.
-
-    Matches autograd through :func:`upper_step` (the clamp stops the gradient where |d / tau| > 50;
-    ``start``, ``offset`` and the branch choice do not change the slope).
-    """
-    z = d / tau
-    sig = torch.sigmoid(z.clamp(-50.0, 50.0))
-    slope = (sig * (1.0 - sig) / tau).masked_fill_(z.abs() > 50.0, 0.0)
-    return torch.where(d > delta, torch.full_like(d, rho), slope)
 
 
 def heaviside_step(d: torch.Tensor) -> torch.Tensor:
@@ -156,34 +118,70 @@ class UpperStep:
         return slope.add_(on_line, alpha=self.rho)
 
 
-def _default_chunk(device: torch.device) -> int:
-    return CPU_CHUNK_ELEMENTS if device.type == "cpu" else GPU_CHUNK_ELEMENTS
+# The upper step of HAPPIER's SOP config and of ROADMAP/SupRank: the defaults of every loss and
+# figure that uses one (their signatures read them from here).
+DEFAULT_STEP = UpperStep()
+
+
+def upper_step(
+    d: torch.Tensor,
+    tau: float = DEFAULT_STEP.tau,
+    rho: float = DEFAULT_STEP.rho,
+    delta: float = DEFAULT_STEP.delta,
+    start: float = DEFAULT_STEP.start,
+    offset: float = DEFAULT_STEP.offset,
+    paper_branch: bool = False,
+) -> torch.Tensor:
+    """SupRank/ROADMAP step: >= the Heaviside step, so smoothed ranks bound true ranks.
+
+    d <= 0: sigmoid_tau(d); 0 < d <= delta: start + sigmoid_tau(d); d > delta: linear with slope
+    rho, rho * (d - delta) + offset (``paper_branch=True``: rho * d + offset, the branch the
+    ROADMAP paper's numbers were trained with). The bound needs start >= 0.5 (defaults); HAPPIER's
+    iNaturalist config (start = 0, offset = 1) dips below 1 on (0, delta].
+    """
+    sig = sigmoid_step(d, tau)
+    lin = rho * (d if paper_branch else d - delta) + offset
+    return torch.where(d <= 0, sig, torch.where(d <= delta, start + sig, lin))
+
+
+def upper_step_derivative(
+    d: torch.Tensor, tau: float = DEFAULT_STEP.tau, rho: float = DEFAULT_STEP.rho, delta: float = DEFAULT_STEP.delta
+) -> torch.Tensor:
+    """d upper_step / d d: rho on the linear branch, the clamped sigmoid's slope elsewhere.
+
+    Matches autograd through :func:`upper_step` (the clamp stops the gradient where |d / tau| > 50;
+    ``start``, ``offset`` and the branch choice do not change the slope).
+    """
+    z = d / tau
+    sig = torch.sigmoid(z.clamp(-50.0, 50.0))
+    slope = (sig * (1.0 - sig) / tau).masked_fill_(z.abs() > 50.0, 0.0)
+    return torch.where(d > delta, torch.full_like(d, rho), slope)
 
 
 @dataclass
-class _LevelBlock:
-    """For one level u: per query, the items at level u (k) and the items below it (j)."""
+class _SharedBlock:
+    """For one shared level u: per query, the items at u (k) and the less relevant items (j)."""
 
     items_k: torch.Tensor  # (Q, max_k) column indices, M where padded
     items_j: torch.Tensor  # (Q, max_j) column indices, M where padded
     chunk: int  # queries per chunk
 
 
-def _plan(levels: torch.Tensor, chunk_elements: int) -> list[_LevelBlock]:
-    """Gather indices that group, for every query, items by level (one sort for all levels).
+def _plan(shared: torch.Tensor, chunk_elements: int) -> list[_SharedBlock]:
+    """Gather indices that group, for every query, items by shared level (one sort for all).
 
-    Items with a negative level are ignored (neither k nor j). Sorting each row by decreasing level
-    puts level u in a contiguous range and all levels 0..u-1 right after it.
+    Items with a negative value are ignored (neither k nor j). Sorting each row by decreasing
+    shared level puts level u in a contiguous range and all levels 0..u-1 right after it.
     """
-    Q, M = levels.shape
-    device = levels.device
-    order = torch.argsort(levels, dim=1, descending=True, stable=True)
-    top = int(levels.max()) if levels.numel() else 0
+    Q, M = shared.shape
+    device = shared.device
+    order = torch.argsort(shared, dim=1, descending=True, stable=True)
+    top = int(shared.max()) if shared.numel() else 0
     blocks = []
     for u in range(1, top + 1):
-        start_k = (levels > u).sum(1)
-        n_k = (levels == u).sum(1)
-        n_j = ((levels >= 0) & (levels < u)).sum(1)
+        start_k = (shared > u).sum(1)
+        n_k = (shared == u).sum(1)
+        n_j = ((shared >= 0) & (shared < u)).sum(1)
         max_k, max_j = int(n_k.max()), int(n_j.max())
         if max_k == 0 or max_j == 0:
             continue
@@ -194,7 +192,7 @@ def _plan(levels: torch.Tensor, chunk_elements: int) -> list[_LevelBlock]:
             return idx.masked_fill_(torch.arange(width, device=device) >= count[:, None], M)
 
         blocks.append(
-            _LevelBlock(
+            _SharedBlock(
                 items_k=gather(start_k, n_k, max_k),
                 items_j=gather(start_k + n_k, n_j, max_j),
                 chunk=max(1, chunk_elements // (max_k * max_j)),
@@ -208,7 +206,7 @@ def _padded(scores: torch.Tensor, value: float) -> torch.Tensor:
 
 
 class _UpperRankSum(torch.autograd.Function):
-    """out[q, k] = sum_{j : 0 <= lev_qj < lev_qk} upper_step(s_qj - s_qk), backward by recompute."""
+    """out[q, k] = sum_{j : 0 <= v_qj < v_qk} upper_step(s_qj - s_qk), backward by recompute."""
 
     @staticmethod
     def forward(ctx, scores, blocks, step):
@@ -254,23 +252,24 @@ class _UpperRankSum(torch.autograd.Function):
 
 def upper_rank_sum(
     scores: torch.Tensor,
-    levels: torch.Tensor,
-    step: UpperStep = UpperStep(),
+    shared: torch.Tensor,
+    step: UpperStep = DEFAULT_STEP,
     chunk_elements: int | None = None,
 ) -> torch.Tensor:
-    """For each query q and item k: sum over items j with 0 <= levels[q, j] < levels[q, k] of
+    """For each query q and item k: sum over items j with 0 <= shared[q, j] < shared[q, k] of
     ``step(scores[q, j] - scores[q, k])``, differentiable in ``scores``.
 
-    ``scores`` (Q, M) float, ``levels`` (Q, M) integer (negative = ignore the item). Memory is
-    O(Q * M) plus one chunk of ``chunk_elements`` pairs; the backward pass recomputes the pairs
-    with the step's analytic derivative instead of storing them.
+    ``scores`` (Q, M) float, ``shared`` (Q, M) integer shared levels, i.e. relevance grades
+    (negative = ignore the item). Memory is O(Q * M) plus one chunk of ``chunk_elements`` pairs
+    (default 2**18 on CPU, 2**24 on GPU); the backward pass recomputes the pairs with the step's
+    analytic derivative instead of storing them.
     """
-    if scores.shape != levels.shape or scores.dim() != 2:
+    if scores.shape != shared.shape or scores.dim() != 2:
         raise ValueError(
-            f"scores and levels must both be (Q, M), got {tuple(scores.shape)} and {tuple(levels.shape)}"
+            f"scores and shared must both be (Q, M), got {tuple(scores.shape)} and {tuple(shared.shape)}"
         )
-    chunk = chunk_elements or _default_chunk(scores.device)
-    blocks = _plan(levels.long(), chunk)
+    chunk = chunk_elements_for(chunk_elements, scores.device, CPU_CHUNK_ELEMENTS, GPU_CHUNK_ELEMENTS)
+    blocks = _plan(shared.long(), chunk)
     return _UpperRankSum.apply(scores, blocks, step)
 
 
@@ -286,31 +285,31 @@ def _count_scored_at_least(scores: torch.Tensor, member: torch.Tensor) -> torch.
 
 
 @torch.no_grad()
-def exact_level_counts(scores: torch.Tensor, levels: torch.Tensor, num_levels: int) -> torch.Tensor:
-    """n[q, k, v] = #{j : levels[q, j] == v and scores[q, j] >= scores[q, k]} for v in 0..num_levels.
+def exact_shared_counts(scores: torch.Tensor, shared: torch.Tensor, num_levels: int) -> torch.Tensor:
+    """n[q, k, v] = #{j : shared[q, j] == v and scores[q, j] >= scores[q, k]} for v in 0..num_levels.
 
     Item k counts itself. Exact for ties (H(0) = 1), O(Q M log M) per level. Returns int64
     (Q, M, num_levels + 1); no gradient.
     """
     return torch.stack(
-        [_count_scored_at_least(scores, levels == v) for v in range(num_levels + 1)], dim=2
+        [_count_scored_at_least(scores, shared == v) for v in range(num_levels + 1)], dim=2
     )
 
 
 def smooth_hap(
     scores: torch.Tensor,
-    levels: torch.Tensor,
-    level_relevance: torch.Tensor,
-    step: UpperStep = UpperStep(),
+    shared: torch.Tensor,
+    shared_relevance: torch.Tensor,
+    step: UpperStep = DEFAULT_STEP,
     chunk_elements: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-query surrogate H-AP (HAPPIER) with the upper-bound step on less relevant competitors.
 
     Args:
         scores: (Q, M) similarities of each query to the ranked set.
-        levels: (Q, M) integer relevance level of each item for each query, 0 = irrelevant,
+        shared: (Q, M) integer shared level v of each item for each query, 0 = irrelevant,
             negative = ignored (e.g. the query itself when it is excluded).
-        level_relevance: (Q, L + 1) relevance of each level for each query, column 0 = 0.
+        shared_relevance: (Q, L + 1) relevance of each shared level for each query, column 0 = 0.
             Binary AP (ROADMAP's SupAP) is the case L = 1 with relevance [0, 1].
         step: the upper-bound step applied to less relevant competitors.
         chunk_elements: pairs per chunk (default: 2**18 on CPU, 2**24 on GPU).
@@ -319,9 +318,9 @@ def smooth_hap(
         scores, and (Q,) sum of relevances (queries where it is 0 have no relevant item and a
         meaningless hap of 0).
     """
-    num_levels = level_relevance.shape[1] - 1
-    lev = levels.long()
-    rel_levels = level_relevance.to(scores.dtype)
+    num_levels = shared_relevance.shape[1] - 1
+    lev = shared.long()
+    rel_levels = shared_relevance.to(scores.dtype)
     rel = rel_levels.gather(1, lev.clamp(min=0)).masked_fill_(lev < 0, 0.0)
 
     # exact parts, one level at a time to stay O(Q * M): competitors j != k at least as relevant
@@ -354,12 +353,6 @@ def float32_compute(device: torch.device):
         return contextlib.nullcontext()
 
 
-def check_has_positive(levels: torch.Tensor, inputs: LossInputs, loss_name: str, what: str) -> None:
-    """Raise :class:`NoPositiveError` when no query has a positive (``levels >= 1``) other than itself."""
-    require_other_positive(levels >= 1, inputs, f"has a positive ({what})", loss_name)
-
-
-def reduce_queries(per_query: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
-    """1 - mean surrogate over the queries that have at least one relevant item."""
-    has_relevant = total > 0
-    return 1.0 - (per_query * has_relevant).sum() / has_relevant.sum()
+def check_has_positive(shared: torch.Tensor, inputs: LossInputs, loss_name: str, what: str) -> None:
+    """Raise :class:`NoPositiveError` when no query has a positive (``shared >= 1``) other than itself."""
+    require_other_positive(shared >= 1, inputs, f"has a positive ({what})", loss_name)

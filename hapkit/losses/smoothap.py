@@ -3,15 +3,12 @@
 Brown, Xie, Kalogeiton and Zisserman, "Smooth-AP: Smoothing the Path Towards Large-Scale Image
 Retrieval", ECCV 2020 (arXiv 2007.12163).
 
-For a query q with positives P (items sharing its label at ``level``) and ranking set G,
+For a query q with positives P (items sharing its label in label column ``column``) and ranking
+set G,
 
     rank(k)  = 1 + sum_{j in G, j != k} sigmoid_tau(s_qj - s_qk)
     rank+(k) = 1 + sum_{j in P, j != k} sigmoid_tau(s_qj - s_qk)
     AP~(q)   = (1 / |P|) sum_{k in P} rank+(k) / rank(k),      loss = 1 - mean_q AP~(q).
-
-The module also holds the batch-ranking helpers shared by hapkit's other pairwise rank losses
-(:mod:`hapkit.losses.listwise_ap`, :mod:`hapkit.losses.suprank`): the ranking-set and positive
-masks and the "no positive in the batch" check.
 """
 
 from __future__ import annotations
@@ -19,74 +16,39 @@ from __future__ import annotations
 from typing import Callable, Iterator
 
 import torch
-from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from hapkit.losses.base import LossInputs, prepare_inputs, require_other_positive
+from hapkit.losses.base import (
+    HapkitLoss,
+    binary_positives,
+    chunk_elements_for,
+    prepare_inputs,
+    ranking_mask,
+    reduce_queries,
+)
 from hapkit.losses.rank import float32_compute, sigmoid_step
 
 __all__ = ["SmoothAP"]
 
-# Largest (pairs x gallery) block built at once when ``chunk_size`` is None: 2**24 float32
-# values = 64 MiB per intermediate tensor.
-DEFAULT_MAX_CHUNK_ELEMENTS = 2**24
+# Largest (pairs x gallery) block of a chunk when ``chunk_elements`` is None: 2**24 float32
+# values = 64 MiB per intermediate tensor, on any device (one chunk for a batch of 512 at 4 per
+# class, so no recomputation in the backward pass).
+CHUNK_ELEMENTS = 2**24
 
 
 # --------------------------------------------------------------------------------------------
-# Helpers shared by the pairwise rank losses
+# Chunks of queries
 # --------------------------------------------------------------------------------------------
 
 
-def check_level(level: int, num_levels: int, loss_name: str) -> None:
-    if not isinstance(level, int) or not 0 <= level < num_levels:
-        raise ValueError(
-            f"{loss_name}: level={level!r} but the labels have {num_levels} level(s); "
-            f"level selects the label column that defines positives (0 = finest)"
-        )
-
-
-def ranking_mask(inputs: LossInputs, exclude_self: bool) -> torch.Tensor:
-    """(B, M) bool: which reference items take part in each query's ranking.
-
-    In the same-set case the query is its own top-ranked positive by default (SPEC, "Batch
-    surrogates"); ``exclude_self`` removes it, as in the evaluation protocol.
-    """
-    B, M = inputs.embeddings.shape[0], inputs.ref_emb.shape[0]
-    mask = torch.ones(B, M, dtype=torch.bool, device=inputs.embeddings.device)
-    if inputs.same_set and exclude_self:
-        mask.fill_diagonal_(False)
-    return mask
-
-
-def binary_positives(
-    inputs: LossInputs, level: int, ranking: torch.Tensor, loss_name: str
-) -> torch.Tensor:
-    """(B, M) bool: reference items in the ranking that share the query's label at ``level``."""
-    check_level(level, inputs.num_levels, loss_name)
-    pos = inputs.labels[:, level, None] == inputs.ref_labels[None, :, level]
-    require_other_positive(pos, inputs, f"shares its label at level {level}", loss_name)
-    return pos & ranking
-
-
-def query_chunks(
-    pairs_per_query: torch.Tensor, gallery_size: int, chunk_size: int | None
-) -> Iterator[slice]:
-    """Consecutive query slices whose (pairs x gallery) block stays within the memory budget.
-
-    ``chunk_size`` fixes the number of queries per chunk; None picks chunks greedily so that
-    each holds at most :data:`DEFAULT_MAX_CHUNK_ELEMENTS` values (at least one query).
-    """
+def query_chunks(pairs_per_query: torch.Tensor, gallery_size: int, chunk_elements: int) -> Iterator[slice]:
+    """Consecutive query slices, chosen greedily so that each chunk's (pairs x gallery) block holds
+    at most ``chunk_elements`` values (at least one query per chunk)."""
     B = pairs_per_query.shape[0]
-    if chunk_size is not None:
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive number of queries, got {chunk_size}")
-        for start in range(0, B, chunk_size):
-            yield slice(start, min(start + chunk_size, B))
-        return
     cost = (pairs_per_query.clamp(min=1) * max(gallery_size, 1)).tolist()
     start, acc = 0, 0
     for i, c in enumerate(cost):
-        if i > start and acc + c > DEFAULT_MAX_CHUNK_ELEMENTS:
+        if i > start and acc + c > chunk_elements:
             yield slice(start, i)
             start, acc = i, 0
         acc += c
@@ -143,7 +105,7 @@ def _smooth_ap_chunk(scores, pos, ranking, tau: float):
     return ap / pos.sum(1).clamp(min=1)
 
 
-class SmoothAP(nn.Module):
+class SmoothAP(HapkitLoss):
     """Smooth-AP loss (Brown et al., ECCV 2020): 1 - mean smoothed AP over the batch queries.
 
     Every step of the rank, for positives and negatives alike, is ``sigmoid((s_j - s_k) / tau)``.
@@ -154,11 +116,11 @@ class SmoothAP(nn.Module):
 
     Args:
         tau: sigmoid temperature (paper: 0.01).
-        level: label column defining positives (0 = finest).
+        column: label column defining positives (0 = finest).
         exclude_self: drop the query from its own ranking (default False: in the same-set case
             the query is its own top-ranked positive, as in the reference implementations).
-        chunk_size: queries processed together; None sizes chunks automatically so that the
-            (pairs x gallery) block stays below 2**24 values. Memory is O(|P| * M) per query.
+        chunk_elements: largest (pairs x gallery) block computed at once (default 2**24 values);
+            queries are grouped greedily under it. Memory is O(|P| * M) per query.
 
     Call: ``loss(embeddings, labels, ref_emb=None, ref_labels=None)`` with L2-normalised
     embeddings (B, D) and labels (B, L) or (B,); similarities are dot products. Queries without
@@ -170,33 +132,34 @@ class SmoothAP(nn.Module):
     def __init__(
         self,
         tau: float = 0.01,
-        level: int = 0,
+        column: int = 0,
         exclude_self: bool = False,
-        chunk_size: int | None = None,
+        chunk_elements: int | None = None,
     ):
         super().__init__()
         if tau <= 0:
             raise ValueError(f"SmoothAP: tau must be > 0, got {tau}")
         self.tau = float(tau)
-        self.level = level
+        self.column = column
         self.exclude_self = exclude_self
-        self.chunk_size = chunk_size
+        self.chunk_elements = chunk_elements
 
     def per_query(self, embeddings, labels, ref_emb=None, ref_labels=None):
         """(B,) smoothed AP of every query and (B,) number of positives (0: AP undefined)."""
         with float32_compute(embeddings.device):
             inp = prepare_inputs(embeddings, labels, ref_emb, ref_labels, "SmoothAP")
             ranking = ranking_mask(inp, self.exclude_self)
-            pos = binary_positives(inp, self.level, ranking, "SmoothAP")
+            pos = binary_positives(inp, self.column, ranking, "SmoothAP")
             scores = inp.embeddings @ inp.ref_emb.T
             n_pos = pos.sum(1)
-            chunks = list(query_chunks(n_pos, scores.shape[1], self.chunk_size))
+            budget = chunk_elements_for(self.chunk_elements, scores.device, CHUNK_ELEMENTS, CHUNK_ELEMENTS)
+            chunks = list(query_chunks(n_pos, scores.shape[1], budget))
             ap = run_chunked(_smooth_ap_chunk, chunks, scores, pos, ranking, tau=self.tau)
             return ap, n_pos
 
     def forward(self, embeddings, labels, ref_emb=None, ref_labels=None):
         ap, n_pos = self.per_query(embeddings, labels, ref_emb, ref_labels)
-        return 1.0 - ap[n_pos > 0].mean()
+        return reduce_queries(ap, n_pos)
 
     def extra_repr(self) -> str:
-        return f"tau={self.tau}, level={self.level}, exclude_self={self.exclude_self}"
+        return f"tau={self.tau}, column={self.column}, exclude_self={self.exclude_self}"

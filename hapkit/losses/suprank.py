@@ -18,38 +18,37 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from torch import nn
 
 from hapkit.hierarchy import shared_levels
-from hapkit.losses.base import prepare_inputs, require_other_positive
-from hapkit.losses.rank import (
-    UpperStep,
-    exact_level_counts,
-    float32_compute,
-    sigmoid_step,
-    upper_rank_sum,
+from hapkit.losses.base import (
+    HapkitLoss,
+    binary_positives,
+    prepare_inputs,
+    ranking_mask,
+    reduce_queries,
+    require_other_positive,
 )
-from hapkit.losses.smoothap import binary_positives, ranking_mask
+from hapkit.losses.rank import DEFAULT_STEP, UpperStep, exact_shared_counts, float32_compute, sigmoid_step, upper_rank_sum
 
 __all__ = ["SupRecall", "SupNDCG"]
 
 
-def suprank_ranks(scores, levels, num_levels: int, step: UpperStep, chunk_elements=None):
-    """(Q, M) SupRank rank~ of every item with ``levels`` >= 1 (other entries are meaningless).
+def suprank_ranks(scores, shared, num_levels: int, step: UpperStep, chunk_elements=None):
+    """(Q, M) SupRank rank~ of every item with ``shared`` >= 1 (other entries are meaningless).
 
-    ``levels[q, j]``: relevance level of item j for query q (0 = irrelevant, -1 = not in the
-    ranking). Items of a lower level compete through the upper step (with gradient, summed by
-    :func:`hapkit.losses.rank.upper_rank_sum` in O(Q * M) memory); items of the same or a higher
-    level through the exact step, counted by sorting (ties count as ahead).
+    ``shared[q, j]``: shared level (relevance grade) of item j for query q (0 = irrelevant, -1 =
+    not in the ranking). Less relevant items compete through the upper step (with gradient,
+    summed by :func:`hapkit.losses.rank.upper_rank_sum` in O(Q * M) memory); items at least as
+    relevant through the exact step, counted by sorting (ties count as ahead).
     """
-    smooth = upper_rank_sum(scores, levels, step, chunk_elements)
-    counts = exact_level_counts(scores.detach(), levels, num_levels)  # (Q, M, L + 1), k included
-    at_least = counts.flip(2).cumsum(2).flip(2)  # items of level >= v scored >= s_qk
-    exact = at_least.gather(2, levels.clamp(min=0).unsqueeze(2)).squeeze(2) - 1
+    smooth = upper_rank_sum(scores, shared, step, chunk_elements)
+    counts = exact_shared_counts(scores.detach(), shared, num_levels)  # (Q, M, L + 1), k included
+    at_least = counts.flip(2).cumsum(2).flip(2)  # items sharing >= v levels scored >= s_qk
+    exact = at_least.gather(2, shared.clamp(min=0).unsqueeze(2)).squeeze(2) - 1
     return 1.0 + exact.to(scores.dtype) + smooth
 
 
-class _SupRankLoss(nn.Module):
+class _SupRankLoss(HapkitLoss):
     """Holds the upper step (SupRank/HAPPIER defaults, SPEC) and the ranking options."""
 
     def __init__(self, tau, rho, delta, start, offset, paper_branch, exclude_self, chunk_elements):
@@ -69,7 +68,8 @@ class _SupRankLoss(nn.Module):
 class SupRecall(_SupRankLoss):
     """SupRank recall@k surrogate: 1 - mean over k of the smoothed recall rate at k.
 
-    For query q with positives P (same label at ``level``, query included by default),
+    For query q with positives P (same label in label column ``column``, query included by
+    default),
 
         R@k~(q) = sum_{j in P} sigmoid((k - rank~(j)) / temp) / min(|P|, k),
 
@@ -85,13 +85,13 @@ class SupRecall(_SupRankLoss):
         self,
         ks: Sequence[int] = (1, 2, 4, 8, 16),
         temp: float = 1.0,
-        tau: float = 0.01,
-        rho: float = 100.0,
-        delta: float = 0.05,
-        start: float = 0.5,
-        offset: float = 1.44,
+        tau: float = DEFAULT_STEP.tau,
+        rho: float = DEFAULT_STEP.rho,
+        delta: float = DEFAULT_STEP.delta,
+        start: float = DEFAULT_STEP.start,
+        offset: float = DEFAULT_STEP.offset,
         paper_branch: bool = False,
-        level: int = 0,
+        column: int = 0,
         exclude_self: bool = False,
         chunk_elements: int | None = None,
     ):
@@ -101,17 +101,17 @@ class SupRecall(_SupRankLoss):
             raise ValueError(f"SupRecall: ks must be positive ranks, got {ks!r}")
         if not temp > 0:
             raise ValueError(f"SupRecall: temp must be > 0, got {temp}")
-        self.ks, self.temp, self.level = ks, float(temp), level
+        self.ks, self.temp, self.column = ks, float(temp), column
 
     def per_query(self, embeddings, labels, ref_emb=None, ref_labels=None):
         """(B,) smoothed recall of every query and (B,) number of positives (0: undefined)."""
         with float32_compute(embeddings.device):
             inp = prepare_inputs(embeddings, labels, ref_emb, ref_labels, "SupRecall")
             ranking = ranking_mask(inp, self.exclude_self)
-            pos = binary_positives(inp, self.level, ranking, "SupRecall")
+            pos = binary_positives(inp, self.column, ranking, "SupRecall")
             scores = inp.embeddings @ inp.ref_emb.T
-            levels = pos.long().masked_fill(~ranking, -1)
-            rank = suprank_ranks(scores, levels, 1, self.step, self.chunk_elements)
+            shared = pos.long().masked_fill(~ranking, -1)
+            rank = suprank_ranks(scores, shared, 1, self.step, self.chunk_elements)
             n_pos = pos.sum(1)
             recall = scores.new_zeros(scores.shape[0])
             for k in self.ks:
@@ -121,10 +121,10 @@ class SupRecall(_SupRankLoss):
 
     def forward(self, embeddings, labels, ref_emb=None, ref_labels=None):
         recall, n_pos = self.per_query(embeddings, labels, ref_emb, ref_labels)
-        return 1.0 - recall[n_pos > 0].mean()
+        return reduce_queries(recall, n_pos)
 
     def extra_repr(self) -> str:
-        return f"ks={self.ks}, temp={self.temp}, level={self.level}, " + super().extra_repr()
+        return f"ks={self.ks}, temp={self.temp}, column={self.column}, " + super().extra_repr()
 
 
 class SupNDCG(_SupRankLoss):
@@ -139,11 +139,11 @@ class SupNDCG(_SupRankLoss):
 
     def __init__(
         self,
-        tau: float = 0.01,
-        rho: float = 100.0,
-        delta: float = 0.05,
-        start: float = 0.5,
-        offset: float = 1.44,
+        tau: float = DEFAULT_STEP.tau,
+        rho: float = DEFAULT_STEP.rho,
+        delta: float = DEFAULT_STEP.delta,
+        start: float = DEFAULT_STEP.start,
+        offset: float = DEFAULT_STEP.offset,
         paper_branch: bool = False,
         exclude_self: bool = False,
         chunk_elements: int | None = None,
@@ -157,11 +157,11 @@ class SupNDCG(_SupRankLoss):
             ranking = ranking_mask(inp, self.exclude_self)
             V = shared_levels(inp.labels, inp.ref_labels).long()
             require_other_positive(V > 0, inp, "shares at least its coarsest label", "SupNDCG")
-            levels = V.masked_fill(~ranking, -1)
+            shared = V.masked_fill(~ranking, -1)
             scores = inp.embeddings @ inp.ref_emb.T
-            rank = suprank_ranks(scores, levels, inp.num_levels, self.step, self.chunk_elements)
-            gains = 2.0 ** levels.clamp(min=0).to(scores.dtype) - 1.0
-            dcg = torch.where(levels > 0, gains / torch.log2(1.0 + rank), 0.0).sum(1)
+            rank = suprank_ranks(scores, shared, inp.num_levels, self.step, self.chunk_elements)
+            gains = 2.0 ** shared.clamp(min=0).to(scores.dtype) - 1.0
+            dcg = torch.where(shared > 0, gains / torch.log2(1.0 + rank), 0.0).sum(1)
             ideal_gains = gains.sort(dim=1, descending=True).values
             positions = torch.arange(1, V.shape[1] + 1, device=V.device, dtype=scores.dtype)
             ideal = (ideal_gains / torch.log2(1.0 + positions)).sum(1)
@@ -169,4 +169,4 @@ class SupNDCG(_SupRankLoss):
 
     def forward(self, embeddings, labels, ref_emb=None, ref_labels=None):
         ndcg, ideal = self.per_query(embeddings, labels, ref_emb, ref_labels)
-        return 1.0 - ndcg[ideal > 0].mean()
+        return reduce_queries(ndcg, ideal)

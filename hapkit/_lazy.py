@@ -1,0 +1,24 @@
+"""Lazy attribute access for package faces: names are imported from their submodule on first use,
+so that importing a package does not import every dependency of every submodule."""
+
+from __future__ import annotations
+
+from importlib import import_module
+
+
+def lazy_exports(package: str, where: dict[str, str]):
+    """``(__getattr__, __dir__)`` for a package whose names live in submodules: ``where`` maps a
+    name to the submodule (relative to ``package``) that defines it."""
+    module = import_module(package)
+
+    def __getattr__(name):
+        if name in where:
+            value = getattr(import_module(f"{package}.{where[name]}"), name)
+            setattr(module, name, value)
+            return value
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+
+    def __dir__():
+        return sorted(set(vars(module)) | set(where))
+
+    return __getattr__, __dir__

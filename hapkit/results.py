@@ -1,0 +1,305 @@
+"""The one ``metrics.json`` schema, and the tables built from it.
+
+Every notebook that produces numbers, and every run of the reproduction grid, writes one
+``<output_dir>/metrics.json`` with :func:`write_metrics`:
+
+.. code-block:: json
+
+    {"schema": 1, "notebook": "...", "parameters": {...}, ...,
+     "metrics": {"<set>/<metric>": 0.61, ...},
+     "tables": {"<name>": [{"column": value, ...}, ...]}}
+
+``metrics`` is flat (a name -> a float, names such as ``test/H-AP`` or ``trained/AP@1``); ``tables``
+holds the small DataFrames a notebook shows, as records; any other key is information about the run
+(its parameters, recipe, seed, level names). :func:`read_metrics` reads it back and checks it.
+
+The tables: :func:`metrics_frame` (one run's flat metrics, one row per metric, one column per set),
+:func:`metrics_table` (several evaluations side by side), :func:`headline_metrics` (the numbers a
+summary compares), :func:`collect_runs` / :func:`summarize` / :func:`format_markdown` /
+:func:`write_summary` (mean +/- std over seeds beside the published numbers).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+__all__ = [
+    "METRICS_FILE",
+    "SCHEMA_VERSION",
+    "write_metrics",
+    "read_metrics",
+    "metrics_frame",
+    "metrics_table",
+    "headline_metrics",
+    "collect_runs",
+    "summarize",
+    "format_markdown",
+    "write_summary",
+]
+
+METRICS_FILE = "metrics.json"
+SCHEMA_VERSION = 1
+
+
+def _jsonable(v):
+    if isinstance(v, Path):
+        return str(v)
+    if isinstance(v, (np.integer, np.floating, np.bool_)):
+        return v.item()
+    if isinstance(v, pd.DataFrame):
+        return json.loads(v.to_json(orient="records"))
+    if isinstance(v, Mapping):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple, np.ndarray)):
+        return [_jsonable(x) for x in v]
+    return v
+
+
+def write_metrics(output_dir, metrics: Mapping[str, float], *, tables: Mapping | None = None, **info) -> Path:
+    """Write ``<output_dir>/metrics.json`` atomically (complete or absent, never half-written: the
+    reproduction grid takes an existing file as a finished run).
+
+    ``metrics``: flat ``{name: value}``; ``tables``: ``{name: DataFrame or list of records}``;
+    ``info``: anything else worth keeping beside the numbers (parameters, recipe, level names).
+    """
+    bad = [k for k, v in metrics.items() if not isinstance(v, (int, float, np.integer, np.floating))]
+    if bad:
+        raise TypeError(f"metrics must map names to numbers; not numbers: {bad[:5]} (put tables in tables=)")
+    reserved = {"schema", "metrics", "tables"} & set(info)
+    if reserved:
+        raise ValueError(f"{sorted(reserved)} are fields of the metrics.json schema, not information keys")
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"schema": SCHEMA_VERSION, **_jsonable(info), "metrics": {str(k): float(v) for k, v in metrics.items()}}
+    if tables:
+        payload["tables"] = _jsonable(dict(tables))
+    path = out / METRICS_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)
+    return path
+
+
+def read_metrics(path) -> dict:
+    """The content of a ``metrics.json`` (or of ``<dir>/metrics.json``), checked against the schema."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / METRICS_FILE
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no {METRICS_FILE} at {path}") from None
+    except ValueError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); delete it and run again") from None
+    if not isinstance(data, dict) or not isinstance(data.get("metrics"), dict):
+        raise ValueError(f"{path} is not a hapkit metrics file: it has no 'metrics' mapping")
+    return data
+
+
+# ------------------------------------------------------------------------ one run's tables
+
+
+def _level_name(name: str, level_names) -> str:
+    if level_names and "@" in name:
+        head, _, col = name.rpartition("@")
+        if col.isdigit() and int(col) < len(level_names):
+            return f"{head}@{level_names[int(col)]}"
+    return name
+
+
+def metrics_frame(metrics: Mapping[str, float], level_names=None) -> pd.DataFrame:
+    """A tidy table of flat ``"<set>/<metric>"`` results: one row per metric (label columns named
+    by ``level_names``), one column per set, in %."""
+    rows: dict = {}
+    for key, value in metrics.items():
+        where, name = key.split("/", 1) if "/" in key else ("", key)
+        rows.setdefault(_level_name(name, level_names), {})[where] = 100.0 * value
+    frame = pd.DataFrame.from_dict(rows, orient="index")
+    frame.index.name = "metric (%)"
+    return frame.round(2)
+
+
+def _matches(name: str, pattern: str) -> bool:
+    if pattern.endswith("@*"):
+        head = pattern[:-2]
+        return name.startswith(head + "@") and name[len(head) + 1 :].isdigit()
+    return name == pattern
+
+
+def metrics_table(
+    results: Mapping[str, object],
+    level_names: Sequence[str] | None = None,
+    metrics: Sequence[str] | None = ("H-AP", "ASI", "NDCG", "AP@*", "R@1@*"),
+) -> pd.DataFrame:
+    """Side-by-side summary of several :class:`hapkit.evaluate.RetrievalResults` (or summary
+    dicts), in %: one row per metric (label columns named by ``level_names``), one column per
+    entry of ``results``. ``metrics`` selects names, ``*`` standing for every label column
+    (None: all)."""
+    if not results:
+        raise ValueError("no results to tabulate")
+    summaries = {name: dict(getattr(res, "summary", res)) for name, res in results.items()}
+    names = list(dict.fromkeys(k for s in summaries.values() for k in s))
+    if metrics is not None:  # in the order of the patterns, then of the summaries
+        available = names
+        names = [k for m in metrics for k in available if _matches(k, m)]
+        if not names:
+            raise ValueError(f"no metric matches {list(metrics)}; available: {available}")
+    flat = {f"{name}/{k}": float(s[k]) for k in names for name, s in summaries.items() if k in s}
+    return metrics_frame(flat, level_names)[list(results)]
+
+
+def headline_metrics(metrics: Mapping[str, float]) -> dict:
+    """The metrics the summary compares, without their eval-set prefix.
+
+    From the ``overall/`` means when the dataset has several eval sets (DyML), otherwise from the
+    first eval set: ``R@1`` (finest level), ``AP@c`` for every label column c, ``H-AP``, ``ASI``,
+    ``NDCG``.
+    """
+    prefixes = sorted({k.split("/", 1)[0] for k in metrics if "/" in k})
+    if not prefixes:
+        return {}
+    prefix = "overall" if "overall" in prefixes else prefixes[0]
+    own = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith(prefix + "/")}
+    out = {}
+    if "R@1@0" in own:
+        out["R@1"] = own["R@1@0"]
+    columns = sorted(int(k[3:]) for k in own if k.startswith("AP@") and k[3:].isdigit())
+    out.update({f"AP@{c}": own[f"AP@{c}"] for c in columns})
+    out.update({k: own[k] for k in ("H-AP", "ASI", "NDCG") if k in own})
+    return out
+
+
+# ----------------------------------------------------------------------- runs and summaries
+
+
+def _papermill_meta(run_dir: Path) -> dict:
+    path = run_dir / "notebook.ipynb"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text()).get("metadata", {}).get("papermill", {})
+    except (OSError, ValueError):
+        return {}
+
+
+def collect_runs(out="results", run_dirs: Sequence | None = None) -> pd.DataFrame:
+    """One row per complete run under ``<out>/runs/*/seed*`` (or in ``run_dirs``): parameters,
+    duration, headline metrics (:func:`headline_metrics`) and every metric as ``metric:<name>``.
+
+    Parameters and duration come from papermill's metadata in the run's executed ``notebook.ipynb``
+    when there is one, else from the metrics file.
+    """
+    dirs = list(run_dirs) if run_dirs is not None else sorted((Path(out) / "runs").glob("*/seed*"))
+    rows = []
+    for run_dir in dirs:
+        run_dir = Path(run_dir)
+        if not (run_dir / METRICS_FILE).is_file():
+            continue
+        data = read_metrics(run_dir)
+        meta = _papermill_meta(run_dir)
+        params = meta.get("parameters", {})
+        row = {
+            "method": params.get("recipe", data.get("method")),
+            "dataset": params.get("dataset", data.get("dataset")),
+            "seed": params.get("seed", data.get("seed")),
+            "recipe": data.get("recipe"),
+            "epochs": data.get("epochs"),
+            "duration_s": meta.get("duration", data.get("train_time_s")),
+            "run_dir": str(run_dir),
+            "level_names": data.get("level_names"),
+            "reported": data.get("reported") or {},
+        }
+        row.update(data.get("headline") or headline_metrics(data["metrics"]))
+        row.update({f"metric:{k}": v for k, v in data["metrics"].items()})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+SUMMARY_ORDER = ("R@1", "AP@*", "H-AP", "ASI", "NDCG")
+
+
+def _metric_columns(frame: pd.DataFrame) -> list[str]:
+    cols = []
+    for name in SUMMARY_ORDER:
+        if name == "AP@*":
+            columns = sorted(int(c[3:]) for c in frame.columns if c.startswith("AP@") and c[3:].isdigit())
+            cols += [f"AP@{c}" for c in columns]
+        elif name in frame.columns:
+            cols.append(name)
+    return cols
+
+
+def summarize(runs: pd.DataFrame) -> pd.DataFrame:
+    """Mean and std over seeds (in %) of the headline metrics per (method, dataset).
+
+    Columns ``<metric>`` (mean), ``<metric> std`` (NaN for a single seed), ``seeds``,
+    ``duration_s`` (mean per run), ``levels`` (level names, finest first) and ``paper`` (the
+    published numbers of the recipe, e.g. ``"R@1 81.0"``).
+    """
+    if runs.empty:
+        return pd.DataFrame(columns=["method", "dataset", "seeds"])
+    metrics = _metric_columns(runs)
+    rows = []
+    for (method, dataset), group in runs.groupby(["method", "dataset"], sort=False):
+        row = {"method": method, "dataset": dataset, "seeds": len(group)}
+        for m in metrics:
+            values = 100.0 * group[m].astype(float).dropna()
+            row[m] = values.mean() if len(values) else np.nan
+            row[f"{m} std"] = values.std(ddof=1) if len(values) > 1 else np.nan
+        durations = group["duration_s"].dropna()
+        row["duration_s"] = durations.mean() if len(durations) else np.nan
+        names = next((n for n in group["level_names"] if isinstance(n, list)), None)
+        row["levels"] = " / ".join(names) if names else ""
+        reported = next((r for r in group["reported"] if r), {})
+        row["paper"] = ", ".join(f"{k.replace('@0', '') if k.startswith('R@') else k} {v:g}" for k, v in reported.items())
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _cell(mean, std) -> str:
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "–"
+    if std is None or (isinstance(std, float) and math.isnan(std)):
+        return f"{mean:.2f}"
+    return f"{mean:.2f} ± {std:.2f}"
+
+
+def format_markdown(summary: pd.DataFrame) -> str:
+    """The summary as a Markdown table (pandas ``to_markdown``): mean ± std (%) per metric,
+    published numbers last, then notes on the level names."""
+    if summary.empty:
+        return "(no complete run)"
+    metrics = _metric_columns(summary)
+    table = pd.DataFrame({
+        "method": summary["method"].astype(str),
+        "dataset": summary["dataset"].astype(str),
+        "seeds": summary["seeds"].astype(int),
+        **{m: [_cell(r.get(m), r.get(f"{m} std")) for _, r in summary.iterrows()] for m in metrics},
+        "paper": summary.get("paper", pd.Series([""] * len(summary))).fillna("").astype(str),
+    })
+    align = ("left", "left", "right", *["right"] * len(metrics), "left")
+    lines = [table.to_markdown(index=False, colalign=align)]
+    lines += ["", "Values in %, mean ± std over seeds. R@1 and AP@c: binary metrics at label column c "
+              "(0 = finest); H-AP, ASI, NDCG: hierarchical metrics over all levels."]
+    levels = {r["dataset"]: r["levels"] for _, r in summary.iterrows() if r.get("levels")}
+    lines += [f"Levels of {d}: {lv}." for d, lv in levels.items()]
+    return "\n".join(lines)
+
+
+def write_summary(out, runs: pd.DataFrame, summary: pd.DataFrame) -> None:
+    """``runs.csv`` (one row per run), ``summary.csv`` and ``summary.md`` in ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    flat = runs.drop(columns=[c for c in ("reported",) if c in runs]).copy()
+    if "level_names" in flat:
+        flat["level_names"] = [" / ".join(n) if isinstance(n, list) else "" for n in flat["level_names"]]
+    flat.to_csv(out / "runs.csv", index=False)
+    summary.to_csv(out / "summary.csv", index=False)
+    (out / "summary.md").write_text("# hapkit reproduction\n\n" + format_markdown(summary) + "\n")

@@ -1,0 +1,381 @@
+"""Typed training configuration: recipes are plain YAML turned into the dataclasses below.
+
+A recipe has the sections ``data``, ``model``, ``loss``, ``optim``, ``train`` and ``eval`` plus a
+few top-level fields. Every value is type-checked against the dataclass annotation, both when a
+YAML file is read and when a command-line override such as ``--set optim.lr=1e-5`` is applied;
+unknown keys are errors that name the key and list the valid ones.
+
+Optimiser settings cascade: ``optim.<field>`` is the default of every parameter group and
+``optim.backbone.<field>``, ``optim.head.<field>`` or ``optim.loss.<field>`` overrides it for one
+group (the loss group holds the learnable parameters of a loss, e.g. HAPPIER's cluster weights).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "ModelConfig",
+    "LossConfig",
+    "GroupConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "EvalConfig",
+    "Recipe",
+    "from_dict",
+    "to_dict",
+    "apply_overrides",
+    "parse_override",
+    "group_settings",
+    "GROUPS",
+]
+
+GROUPS = ("backbone", "head", "loss")
+
+
+class ConfigError(ValueError):
+    """A recipe or override that does not fit the configuration schema."""
+
+
+@dataclass
+class DataConfig:
+    """Dataset, batch sampler and loader settings.
+
+    ``batch_size`` is the global batch: with several processes each one takes an equal slice of
+    every sampled batch, so the rank losses see the same batch as a single-process run.
+    """
+
+    dataset: str = "generated"
+    root: Optional[str] = None
+    transform: str = "imagenet"  # kind passed to hapkit.data.transforms.build_transforms
+    resize: Optional[int] = None  # transform's resize / crop sizes; None = the kind's defaults
+    crop: Optional[int] = None
+    sampler: Literal["hierarchical", "m_per_class"] = "hierarchical"
+    batch_size: int = 256
+    samples_per_class: int = 4
+    super_classes_per_batch: int = 2
+    batches_per_super_tuple: int = 5
+    sampler_column: int = 1  # label column whose classes (super-classes) the hierarchical sampler pairs
+    num_workers: int = 8
+    eval_batch_size: int = 256
+
+
+@dataclass
+class ModelConfig:
+    """Backbone, pooling and embedding head (see :func:`hapkit.training.models.build_model`)."""
+
+    backbone: str = "resnet50"  # resnet18/34/50/101, small_cnn, or "timm:<name>"
+    pretrained: Union[bool, Literal["required"]] = True
+    pooling: Literal["avg", "max", "gem", "default"] = "avg"
+    gem_p: float = 3.0
+    layer_norm: bool = True  # parameter-free LayerNorm on the pooled feature
+    embedding_size: int = 512
+    freeze_batchnorm: bool = True
+    normalize: bool = True
+    width: int = 32  # channels of the first small_cnn block (small_cnn only)
+
+
+@dataclass
+class LossConfig:
+    """A loss of :mod:`hapkit.losses` by class name, with constructor keyword arguments.
+
+    ``num_classes`` and ``embedding_size`` are filled from the training set and the model when the
+    loss takes them and the recipe leaves them out.
+    """
+
+    name: str = "HAPPIER"
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class GroupConfig:
+    """Per-group overrides of the optimiser defaults; ``None`` inherits the ``optim`` value."""
+
+    optimizer: Optional[Literal["adam", "adamw", "sgd"]] = None
+    lr: Optional[float] = None
+    weight_decay: Optional[float] = None
+    momentum: Optional[float] = None
+    nesterov: Optional[bool] = None
+    scheduler: Optional[Literal["cosine", "multistep", "constant"]] = None
+    eta_min: Optional[float] = None
+    milestones: Optional[list[int]] = None
+    gamma: Optional[float] = None
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and per-epoch learning-rate schedule, defaults for every parameter group."""
+
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    momentum: float = 0.9  # SGD only
+    nesterov: bool = False  # SGD only
+    scheduler: Literal["cosine", "multistep", "constant"] = "cosine"
+    eta_min: float = 0.0  # cosine: final learning rate
+    milestones: list[int] = field(default_factory=list)  # multistep: epochs where lr *= gamma
+    gamma: float = 0.1
+    grad_clip: Optional[float] = None  # max global gradient norm, None = no clipping
+    backbone: GroupConfig = field(default_factory=GroupConfig)
+    head: GroupConfig = field(default_factory=GroupConfig)
+    loss: GroupConfig = field(default_factory=GroupConfig)
+
+
+@dataclass
+class TrainConfig:
+    """Training loop settings."""
+
+    epochs: int = 100
+    warmup_epochs: int = 0  # epochs with the backbone frozen (only head and loss parameters train)
+    amp: Literal["auto", "bf16", "fp16", "none"] = "auto"  # auto: bf16 (fp16 if unsupported) on CUDA, none on CPU
+    device: str = "auto"  # auto: cuda when available
+    channels_last: bool = True  # CUDA only
+    log_every: int = 50  # steps between host synchronisations (loss read-out, finiteness check)
+    checkpoint_every: int = 0  # steps between mid-epoch checkpoints; 0 = at the end of each epoch only
+    deterministic: bool = False  # torch.use_deterministic_algorithms (slower on GPU)
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation during and after training (hapkit.evaluate on the dataset's eval sets)."""
+
+    every: int = 20  # epochs; 0 = only at the end
+    at_end: bool = True
+    metrics: Optional[list[str]] = None  # None = all of hapkit.evaluate
+    max_items: Optional[int] = None  # evaluate on this many items spread over each set (quick checks)
+
+
+@dataclass
+class Recipe:
+    """A complete training configuration (one YAML file in hapkit/recipes)."""
+
+    name: str = "custom"
+    method: str = ""
+    description: str = ""
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    reported: dict = field(default_factory=dict)  # published numbers, metric name -> value (%)
+
+
+# ---------------------------------------------------------------------------- type checking
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        (inner,) = typing.get_args(tp) or (Any,)
+        return f"list of {_type_name(inner)}"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+def _coerce(value, tp, where: str):
+    """Return ``value`` converted to the annotation ``tp`` or raise :class:`ConfigError`.
+
+    Strings are accepted for numbers and booleans because command-line values arrive as text and
+    YAML 1.1 reads ``1e-5`` (no dot) as a string.
+    """
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None or (isinstance(value, str) and value.lower() in {"null", "none", "~"}):
+            if type(None) in args:
+                return None
+        # bool before str so that "true" becomes True for Union[bool, Literal[...]]
+        for arg in sorted(args, key=lambda a: a is str):
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices:
+            return value
+        raise ConfigError(f"{where}: expected one of {list(choices)}, got {value!r}")
+    if origin is list:
+        (inner,) = typing.get_args(tp) or (Any,)
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("[") and text.endswith("]"):
+                text = text[1:-1]
+            value = [v.strip() for v in text.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+        return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+            return value.lower() in _TRUE
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    raise ConfigError(f"{where}: unsupported annotation {tp!r}")  # pragma: no cover
+
+
+def _unknown_key(key: str, cls, where: str) -> ConfigError:
+    valid = [f.name for f in dataclasses.fields(cls)]
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    path = f"{where}.{key}" if where else key
+    return ConfigError(f"unknown key {path!r}.{hint} Valid keys{' in ' + repr(where) if where else ''}: {', '.join(valid)}")
+
+
+def from_dict(cls, data, where: str = ""):
+    """Build dataclass ``cls`` from a mapping, type-checking every value; missing keys keep defaults."""
+    if data is None:
+        data = {}
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'recipe'}: expected a mapping of keys to values, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise _unknown_key(str(key), cls, where)
+        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}" if where else key)
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict:
+    """The dataclass as nested plain dicts and lists (YAML/JSON serialisable)."""
+    return dataclasses.asdict(cfg)
+
+
+# ----------------------------------------------------------------------------- overrides
+
+
+def parse_override(text: str) -> tuple[list[str], str]:
+    """Split ``"optim.lr=1e-5"`` into (["optim", "lr"], "1e-5")."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value, e.g. optim.lr=1e-5")
+    key, value = text.split("=", 1)
+    path = [p for p in key.strip().split(".")]
+    if not all(path):
+        raise ConfigError(f"override {text!r}: empty key component in {key!r}")
+    return path, value.strip()
+
+
+def _parse_free_value(text: str):
+    """A value for a free-form mapping (loss.kwargs): YAML scalars, with 1e-5 read as a number."""
+    import yaml
+
+    value = yaml.safe_load(text) if text else None
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def apply_overrides(cfg: Recipe, overrides) -> Recipe:
+    """Return a copy of ``cfg`` with ``key=value`` overrides applied and type-checked.
+
+    ``overrides`` is an iterable of ``"a.b=v"`` strings or a mapping ``{"a.b": v}``. Keys below
+    ``loss.kwargs`` are free-form (checked later against the loss constructor).
+    """
+    if not overrides:
+        return cfg
+    items = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in overrides]
+    data = to_dict(cfg)
+    for key, value in items:
+        path = key.split(".") if isinstance(key, str) else list(key)
+        node, cls, where = data, Recipe, ""
+        for i, part in enumerate(path):
+            last = i == len(path) - 1
+            if cls is None:  # inside a free-form dict
+                if last:
+                    node[part] = _parse_free_value(value) if isinstance(value, str) else value
+                else:
+                    node = node.setdefault(part, {})
+                continue
+            if part not in {f.name for f in dataclasses.fields(cls)}:
+                raise _unknown_key(part, cls, where)
+            tp = typing.get_type_hints(cls)[part]
+            where = f"{where}.{part}" if where else part
+            if last:
+                if dataclasses.is_dataclass(tp):
+                    raise ConfigError(f"{where} is a section; set one of its keys, e.g. {where}.{dataclasses.fields(tp)[0].name}=...")
+                node[part] = _coerce(value, tp, where)
+            else:
+                if dataclasses.is_dataclass(tp):
+                    cls = tp
+                elif tp is dict or typing.get_origin(tp) is dict:
+                    cls = None
+                else:
+                    raise ConfigError(f"{where} is a value, not a section: use {where}=<value>")
+                node = node[part]
+    return from_dict(Recipe, data)
+
+
+def group_settings(optim: OptimConfig, group: str) -> dict:
+    """The resolved optimiser settings of one parameter group (group values over the defaults)."""
+    if group not in GROUPS:
+        raise ConfigError(f"unknown parameter group {group!r}; groups are {GROUPS}")
+    own = getattr(optim, group)
+    out = {}
+    for f in dataclasses.fields(GroupConfig):
+        value = getattr(own, f.name)
+        out[f.name] = getattr(optim, f.name) if value is None else value
+    return out

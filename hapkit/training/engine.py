@@ -1,0 +1,708 @@
+"""The training loop: one recipe in, a trained model, a checkpoint and metrics.jsonl out.
+
+The loop is written for a GPU and runs the same on a CPU:
+
+- mixed precision with ``torch.autocast`` (bfloat16, or float16 with a gradient scaler),
+  channels-last images on CUDA, pinned memory and persistent loader workers;
+- no host synchronisation in the hot path: the loss is summed on the device and read once per
+  ``train.log_every`` steps, when the finiteness guard also looks at it;
+- one optimiser and per-epoch schedule per parameter group (backbone, head, loss parameters),
+  warm-up epochs with the backbone frozen, optional gradient clipping;
+- evaluation every ``eval.every`` epochs with :mod:`hapkit.evaluate` on the dataset's eval sets;
+  one JSON line per epoch in ``<run>/metrics.jsonl``;
+- atomic checkpoints holding everything needed to resume mid-epoch bit for bit on a CPU: model,
+  optimisers, schedulers, gradient scaler, sampler position, random generator states;
+- several processes with ``torchrun``: DistributedDataParallel, the sampler's global batch split
+  between processes and embeddings all-gathered with gradient (see :mod:`hapkit.training.distributed`),
+  so the rank losses see the global batch; evaluation and logging happen on rank 0.
+
+>>> from hapkit.training.recipes import load_recipe
+>>> from hapkit.training.engine import train
+>>> result = train(load_recipe("happier_generated"), out_dir="runs/happier")   # doctest: +SKIP
+>>> result.history[["epoch", "loss", "test/H-AP"]]                              # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm.auto import tqdm
+
+from hapkit.data import build_eval_sets, build_train_set, spread_subset
+from hapkit.losses.base import HapkitLoss
+from hapkit.training.checkpoint import load_checkpoint, rng_state, save_atomic, seed_everything, set_rng_state
+from hapkit.training.config import ConfigError, Recipe, to_dict
+from hapkit.training.distributed import (
+    DistContext,
+    all_gather_nograd,
+    all_reduce_mean,
+    barrier,
+    gather_with_grad,
+    init_distributed,
+)
+from hapkit.training.loading import make_train_loader
+from hapkit.training.models import build_model
+from hapkit.training.optim import build_group
+
+__all__ = [
+    "Trainer",
+    "TrainResult",
+    "Callback",
+    "NonFiniteError",
+    "train",
+    "build_loss",
+    "build_sampler",
+    "evaluate_model",
+    "resolve_amp",
+    "read_history",
+    "loss_names",
+    "CHECKPOINT_NAME",
+]
+
+CHECKPOINT_NAME = "checkpoint.pt"
+METRICS_NAME = "metrics.jsonl"
+CONFIG_NAME = "config.yaml"
+
+# Recipe keys that may differ between a checkpoint and the recipe that resumes it.
+RESUMABLE_CHANGES = ("train.epochs", "train.log_every", "train.checkpoint_every", "train.device",
+                     "data.num_workers", "data.root", "data.eval_batch_size", "eval.")
+
+
+class NonFiniteError(FloatingPointError):
+    """The loss or the embeddings became NaN or infinite."""
+
+
+class Callback:
+    """Hooks called by :class:`Trainer`; override the ones you need (all are no-ops here)."""
+
+    def on_step_end(self, trainer: "Trainer") -> None:
+        """After each optimiser step; ``trainer.global_step`` counts completed steps."""
+
+    def on_epoch_end(self, trainer: "Trainer", record: dict) -> None:
+        """After each epoch, with the record written to metrics.jsonl."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What :func:`train` returns."""
+
+    run_dir: Path
+    history: pd.DataFrame  # one row per epoch (loss, learning rates, timing, eval metrics)
+    metrics: dict  # final evaluation, flat "<eval set>/<metric>" keys
+    checkpoint: Path
+    interrupted: bool = False
+    global_step: int = 0
+
+
+# --------------------------------------------------------------------------------- helpers
+
+
+def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for a recipe's ``train.amp`` on ``device`` (None = full precision)."""
+    if amp == "none":
+        return None
+    if amp == "bf16":
+        return torch.bfloat16
+    if amp == "fp16":
+        return torch.float16
+    if amp == "auto":
+        if device.type != "cuda":
+            return None  # CPU autocast is slower than float32 for these models
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    raise ConfigError(f"train.amp must be auto, bf16, fp16 or none, got {amp!r}")
+
+
+def loss_names() -> list[str]:
+    """The loss classes of :mod:`hapkit.losses` a recipe's ``loss.name`` can name."""
+    import hapkit.losses as losses
+
+    return [n for n in losses.__all__ if isinstance(getattr(losses, n), type)
+            and issubclass(getattr(losses, n), HapkitLoss) and getattr(losses, n) is not HapkitLoss]
+
+
+def build_loss(cfg: Recipe, train_labels: np.ndarray, seed: int | None = None) -> HapkitLoss:
+    """The recipe's loss. What comes from the training data (class counts, embedding size,
+    hierarchy, seed) is filled by the loss class itself (:meth:`HapkitLoss.training_kwargs`) when
+    the recipe leaves it out.
+
+    ``cfg.loss.name`` is a loss class of :mod:`hapkit.losses` (HAPPIER, ROADMAP, SupAP, SmoothAP,
+    ListwiseAP, SupRecall, SupNDCG, HierarchicalProxyLoss, CSLLoss, ...).
+    """
+    import hapkit.losses as losses
+
+    name = cfg.loss.name
+    names = loss_names()
+    if name not in names:
+        raise ConfigError(f"loss.name={name!r} is not a hapkit loss; choose one of {', '.join(names)}")
+    cls = getattr(losses, name)
+    params = inspect.signature(cls.__init__).parameters
+    takes_var = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    valid = [p for p in params if p not in ("self",) and params[p].kind not in (params[p].VAR_POSITIONAL, params[p].VAR_KEYWORD)]
+    unknown = [k for k in cfg.loss.kwargs if k not in params]
+    if unknown and not takes_var:
+        raise ConfigError(
+            f"loss.kwargs: {name} has no argument {', '.join(map(repr, unknown))}; its arguments are {', '.join(valid)}"
+        )
+    kwargs = cls.training_kwargs(dict(cfg.loss.kwargs), np.asarray(train_labels), cfg.model.embedding_size,
+                                 cfg.seed if seed is None else seed)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"loss {name}: {e}; its arguments are {', '.join(valid)}") from e
+
+
+def build_sampler(cfg: Recipe, labels: np.ndarray, rank: int = 0, world_size: int = 1):
+    """The recipe's batch sampler over the training labels (hapkit.data samplers); with several
+    processes, each takes its slice of every global batch."""
+    from hapkit.data import HierarchicalBatchSampler, MPerClassBatchSampler
+
+    d = cfg.data
+    if d.sampler == "hierarchical":
+        if labels.shape[1] < 2:
+            raise ConfigError(
+                "data.sampler=hierarchical needs at least two label levels; use m_per_class"
+            )
+        return HierarchicalBatchSampler(
+            labels,
+            batch_size=d.batch_size,
+            samples_per_class=d.samples_per_class,
+            super_classes_per_batch=d.super_classes_per_batch,
+            batches_per_super_tuple=d.batches_per_super_tuple,
+            seed=cfg.seed,
+            column=d.sampler_column,
+            num_replicas=world_size,
+            rank=rank,
+        )
+    if d.sampler == "m_per_class":
+        return MPerClassBatchSampler(labels, batch_size=d.batch_size, m=d.samples_per_class, seed=cfg.seed,
+                                     num_replicas=world_size, rank=rank)
+    raise ConfigError(f"data.sampler must be hierarchical or m_per_class, got {d.sampler!r}")
+
+
+def _dataset_labels(dataset) -> np.ndarray:
+    labels = getattr(dataset, "labels", None)
+    if labels is None:
+        raise TypeError("the training dataset must expose .labels, an (N, L) integer array finest first")
+    labels = np.asarray(labels)
+    return labels[:, None] if labels.ndim == 1 else labels
+
+
+def evaluate_model(
+    model: nn.Module,
+    eval_sets: Iterable,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    device: torch.device | str | None = None,
+    amp: bool = True,
+    metrics=None,
+    max_items: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Embed each eval set with ``model`` and evaluate it; returns flat ``{"<set>/<metric>": value}``.
+
+    An eval set has ``name``, ``query``, ``gallery`` (None = same-set protocol) and
+    ``label_column`` (None = all columns) like :class:`hapkit.data.EvalSet`. With several sets
+    that share the same metrics (DyML's per-level benchmarks), an ``overall/<metric>`` mean is
+    added.
+    """
+    from hapkit.evaluate import evaluate, extract_embeddings
+
+    def embed(ds):
+        ds = spread_subset(ds, max_items)
+        loader = torch.utils.data.DataLoader(
+            ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+            pin_memory=torch.device(device or "cpu").type == "cuda",
+        )
+        return extract_embeddings(model, loader, device=device, amp=amp, progress=progress)
+
+    out: dict = {}
+    per_set = []
+    for es in eval_sets:
+        q_emb, q_lab = embed(es.query)
+        g_emb = g_lab = None
+        if getattr(es, "gallery", None) is not None:
+            g_emb, g_lab = embed(es.gallery)
+        column = getattr(es, "label_column", None)
+        res = evaluate(
+            q_emb, q_lab, gallery_embeddings=g_emb, gallery_labels=g_lab, metrics=metrics,
+            columns=None if column is None else [column], device=device, progress=progress,
+        )
+        summary = {k: float(v) for k, v in res.summary.items()}
+        per_set.append(summary)
+        out.update({f"{es.name}/{k}": v for k, v in summary.items()})
+    if len(per_set) > 1:
+        common = set.intersection(*(set(s) for s in per_set))
+        for k in sorted(common):
+            out[f"overall/{k}"] = float(np.mean([s[k] for s in per_set]))
+    return out
+
+
+def read_history(run_dir) -> pd.DataFrame:
+    """The per-epoch records of a run's metrics.jsonl as a DataFrame (empty if none yet)."""
+    path = Path(run_dir) / METRICS_NAME
+    if not path.is_file():
+        return pd.DataFrame()
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return pd.DataFrame(rows)
+
+
+def _flat_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        path = f"{prefix}{k}"
+        if isinstance(va, dict) and isinstance(vb, dict) and not path.endswith("kwargs"):
+            keys += _flat_diff(va, vb, path + ".")
+        elif va != vb:
+            keys.append(path)
+    return keys
+
+
+# ---------------------------------------------------------------------------------- trainer
+
+
+class Trainer:
+    """Trains the model of a recipe; see the module docstring for what it does.
+
+    Parameters
+    ----------
+    cfg : the recipe (:func:`hapkit.training.recipes.load_recipe`).
+    out_dir : run directory (checkpoint.pt, metrics.jsonl, config.yaml); default
+        ``runs/<recipe name>-seed<seed>``.
+    data_root : overrides ``cfg.data.root``.
+    train_set, eval_sets : datasets to use instead of ``hapkit.data.get_dataset`` /
+        ``get_eval_sets`` (the training set needs ``.labels``; eval sets are EvalSet-like).
+    progress : show tqdm progress bars.
+    callbacks : :class:`Callback` instances.
+    stop_after_steps : checkpoint and stop after this many optimiser steps in total (to split a
+        long run into jobs, or to test resumption).
+    """
+
+    def __init__(
+        self,
+        cfg: Recipe,
+        out_dir=None,
+        data_root=None,
+        train_set=None,
+        eval_sets=None,
+        progress: bool = True,
+        callbacks: Iterable[Callback] = (),
+        stop_after_steps: int | None = None,
+    ):
+        if data_root is not None:
+            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(data_root)))
+        self.cfg = cfg
+        self.progress = progress
+        self.callbacks = list(callbacks)
+        self.stop_after_steps = stop_after_steps
+        self._stop_requested = False
+        self.dist: DistContext = init_distributed(cfg.train.device)
+        self.device = self.dist.device
+        self.run_dir = Path(out_dir) if out_dir is not None else Path("runs") / f"{cfg.name}-seed{cfg.seed}"
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+
+        self.amp_dtype = resolve_amp(cfg.train.amp, self.device)
+        self.channels_last = cfg.train.channels_last and self.device.type == "cuda"
+
+        seed_everything(cfg.seed)
+        self.train_set = train_set if train_set is not None else self._default_train_set()
+        self.train_labels = _dataset_labels(self.train_set)
+        self._eval_sets = eval_sets
+
+        self.model = build_model(cfg.model)
+        if self.dist.enabled and self.device.type == "cuda" and not cfg.model.freeze_batchnorm:
+            # batch statistics over the global batch, as in a single-process run
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        self.model = self.model.to(self.device)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.loss_fn = build_loss(cfg, self.train_labels).to(self.device)
+
+        epochs = cfg.train.epochs
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.schedulers: dict = {}
+        for group, params in (
+            ("backbone", self.model.backbone_parameters()),
+            ("head", self.model.head_parameters()),
+            (self.loss_fn.parameter_group, self.loss_fn.parameters()),
+        ):
+            opt, sched = build_group(params, cfg.optim, group, epochs)
+            if opt is not None:
+                self.optimizers[group], self.schedulers[group] = opt, sched
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self._params = [p for p in self.model.parameters()] + [p for p in self.loss_fn.parameters()]
+
+        self.sampler = build_sampler(cfg, self.train_labels, self.dist.rank, self.dist.world_size)
+        pin = self.device.type == "cuda"
+        self.loader = make_train_loader(
+            self.train_set, self.sampler, cfg.seed, num_workers=cfg.data.num_workers, pin_memory=pin,
+        )
+
+        self.epoch = 0  # epoch in progress (0-based)
+        self.batch_in_epoch = 0  # batches of that epoch already done
+        self.global_step = 0
+        self.history: list[dict] = []
+        self._epoch_loss = torch.zeros((), device=self.device, dtype=torch.float64)
+        self._epoch_steps = 0
+        self._bad_step = torch.full((), -1, device=self.device, dtype=torch.long)
+        self._bad_kind = torch.zeros((), device=self.device, dtype=torch.long)
+        self._ddp = None
+        self._ddp_frozen = None
+
+    # ------------------------------------------------------------------------------ data
+
+    def _default_train_set(self):
+        return build_train_set(self.cfg.data)
+
+    @property
+    def eval_sets(self) -> list:
+        if self._eval_sets is None:
+            self._eval_sets = build_eval_sets(self.cfg.data)
+        return self._eval_sets
+
+    # ----------------------------------------------------------------------- checkpoints
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.run_dir / CHECKPOINT_NAME
+
+    def state_dict(self) -> dict:
+        rng = rng_state()
+        if self.dist.enabled:
+            per_rank = [None] * self.dist.world_size
+            dist.all_gather_object(per_rank, rng)
+            rng = per_rank
+        else:
+            rng = [rng]
+        return {
+            "format": 1,
+            "recipe": to_dict(self.cfg),
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "global_step": self.global_step,
+            "model": self.model.state_dict(),
+            "loss": self.loss_fn.state_dict(),
+            "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+            "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
+            "scaler": self.scaler.state_dict(),
+            # the sampler is a function of (seed, epoch): its position is all there is to save
+            "sampler": {"epoch": self.epoch, "start_batch": self.batch_in_epoch, "seed": self.sampler.seed},
+            "epoch_loss": self._epoch_loss.cpu(),
+            "epoch_steps": self._epoch_steps,
+            "history": list(self.history),
+            "rng": rng,
+            "world_size": self.dist.world_size,
+            "finished": self.epoch >= self.cfg.train.epochs,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        diff = _flat_diff(state["recipe"], to_dict(self.cfg))
+        blocking = [k for k in diff if not any(k == r or (r.endswith(".") and k.startswith(r)) for r in RESUMABLE_CHANGES)]
+        if blocking:
+            raise ConfigError(
+                f"cannot resume: the checkpoint in {self.run_dir} was trained with a different "
+                f"recipe ({', '.join(blocking)} differ). Use another output directory for a new run."
+            )
+        self.model.load_state_dict(state["model"])
+        self.loss_fn.load_state_dict(state["loss"])
+        for k, o in self.optimizers.items():
+            o.load_state_dict(state["optimizers"][k])
+        for k, s in self.schedulers.items():
+            s.load_state_dict(state["schedulers"][k])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch = state["epoch"]
+        self.batch_in_epoch = state["batch_in_epoch"]
+        self.global_step = state["global_step"]
+        self._epoch_loss = state["epoch_loss"].to(self.device)
+        self._epoch_steps = state["epoch_steps"]
+        self.history = list(state["history"])
+        rng = state["rng"]
+        if len(rng) == self.dist.world_size:
+            set_rng_state(rng[self.dist.rank])
+        else:
+            warnings.warn(
+                f"resuming a {len(rng)}-process run with {self.dist.world_size} process(es): "
+                f"data order is preserved, other random draws are not", RuntimeWarning,
+            )
+            set_rng_state(rng[0])
+
+    def save_checkpoint(self) -> Path:
+        state = self.state_dict()  # collective with several processes: every rank builds it
+        if self.dist.is_main:
+            save_atomic(state, self.checkpoint_path)
+        barrier(self.dist)
+        return self.checkpoint_path
+
+    def _trim_metrics_log(self) -> None:
+        """Drop records written after the checkpoint a run resumes from."""
+        path = self.run_dir / METRICS_NAME
+        if not (self.dist.is_main and path.is_file()):
+            return
+        keep = [json.dumps(r) for r in self.history]
+        path.write_text("".join(line + "\n" for line in keep))
+
+    # ----------------------------------------------------------------------------- train
+
+    def request_stop(self) -> None:
+        """Checkpoint and stop after the current step (e.g. from a SIGTERM handler)."""
+        self._stop_requested = True
+
+    def _set_warmup(self, frozen: bool) -> None:
+        for p in self.model.backbone_parameters():
+            p.requires_grad_(not frozen)
+        if self.dist.enabled and self._ddp_frozen != frozen:
+            # DDP registers the parameters that require grad when it is built: rebuild per phase
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self._ddp = DDP(self.model, device_ids=ids, broadcast_buffers=False)
+            self._ddp_frozen = frozen
+
+    def _forward(self, images: torch.Tensor) -> torch.Tensor:
+        net = self._ddp if self._ddp is not None else self.model
+        if self.amp_dtype is not None:
+            with torch.autocast(self.device.type, dtype=self.amp_dtype):
+                return net(images)
+        return net(images)
+
+    def compute_loss(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, embeddings) for this process's slice of the batch, the global batch as reference."""
+        emb = self._forward(images).float()
+        if self.dist.enabled and self.loss_fn.takes_reference_set:
+            ref = gather_with_grad(emb)
+            ref_labels = all_gather_nograd(labels)
+            loss = self.loss_fn(emb, labels, ref, ref_labels)
+        else:
+            loss = self.loss_fn(emb, labels)
+        return loss, emb
+
+    def _optimizer_step(self, frozen: bool) -> None:
+        if self.dist.enabled:
+            # the loss's own parameters are outside DDP: average their gradients by hand
+            for p in self.loss_fn.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+                    p.grad.div_(self.dist.world_size)
+        active = [o for g, o in self.optimizers.items() if not (frozen and g == "backbone")]
+        if self.cfg.optim.grad_clip:
+            for o in active:
+                self.scaler.unscale_(o)
+            torch.nn.utils.clip_grad_norm_([p for p in self._params if p.grad is not None], self.cfg.optim.grad_clip)
+        for o in active:
+            self.scaler.step(o)
+        self.scaler.update()
+        for o in self.optimizers.values():
+            o.zero_grad(set_to_none=True)
+
+    def _track_finite(self, loss: torch.Tensor, emb: torch.Tensor) -> None:
+        # device-side bookkeeping: remember the first bad step without synchronising
+        kind = (~torch.isfinite(emb).all()).long() + 2 * (~torch.isfinite(loss)).long()
+        first = (self._bad_step < 0) & (kind > 0)
+        self._bad_step = torch.where(first, torch.full_like(self._bad_step, self.global_step), self._bad_step)
+        self._bad_kind = torch.where(first, kind, self._bad_kind)
+
+    def _check_finite(self) -> None:
+        step = int(self._bad_step)
+        if step < 0:
+            return
+        kind = int(self._bad_kind)
+        what = {1: "the embeddings", 2: "the loss", 3: "the embeddings and the loss"}[kind]
+        saved = (
+            f" The last good checkpoint is {self.checkpoint_path}." if self.checkpoint_path.is_file() else ""
+        )
+        raise NonFiniteError(
+            f"{what} became NaN or infinite at step {step} (epoch {self.epoch + 1}); training stopped."
+            f"{saved} Check the input images for NaN, then the usual fixes: lower the learning rate "
+            f"(--set optim.lr=...), clip gradients (--set optim.grad_clip=10), or train in full "
+            f"precision (--set train.amp=none)."
+        )
+
+    def _lrs(self) -> dict:
+        return {f"lr/{g}": o.param_groups[0]["lr"] for g, o in self.optimizers.items()}
+
+    def fit(self, resume: bool = False) -> TrainResult:
+        """Train to ``cfg.train.epochs`` (continuing from the run's checkpoint if ``resume``)."""
+        cfg = self.cfg
+        if resume and self.checkpoint_path.is_file():
+            self.load_state_dict(load_checkpoint(self.checkpoint_path, map_location=self.device))
+            self._trim_metrics_log()
+        elif self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / METRICS_NAME).write_text("")
+        if self.dist.is_main:
+            import yaml
+
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / CONFIG_NAME).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        barrier(self.dist)
+
+        self.sampler.set_epoch(self.epoch)
+        per_epoch = self.sampler.batches_per_epoch
+        if per_epoch == 0:
+            raise ConfigError(
+                f"the sampler yields no batch for {len(self.train_set)} training images with "
+                f"batch_size={cfg.data.batch_size}: lower data.batch_size"
+            )
+        total = cfg.train.epochs * per_epoch
+        bar = tqdm(total=total, initial=min(self.global_step, total), desc="train", unit="step",
+                   disable=not (self.progress and self.dist.is_main), dynamic_ncols=True)
+        log_every = max(1, cfg.train.log_every)
+        try:
+            while self.epoch < cfg.train.epochs:
+                interrupted = self._run_epoch(bar, per_epoch, log_every)
+                if interrupted:
+                    if self.batch_in_epoch:  # a finished epoch has just been saved
+                        self.save_checkpoint()
+                    return self._result(interrupted=True)
+        finally:
+            bar.close()
+        return self._result(interrupted=False)
+
+    def _run_epoch(self, bar, per_epoch: int, log_every: int) -> bool:
+        cfg = self.cfg
+        frozen = self.epoch < cfg.train.warmup_epochs
+        self._set_warmup(frozen)
+        self.model.train()
+        self.loss_fn.train()
+        self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
+        bar.set_description(f"epoch {self.epoch + 1}/{cfg.train.epochs}" + (" (warm-up)" if frozen else ""))
+        t0 = time.perf_counter()
+        n_images = 0
+        non_blocking = self.device.type == "cuda"
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        for images, labels in self.loader:
+            images = images.to(self.device, non_blocking=non_blocking, memory_format=fmt)
+            labels = labels.to(self.device, non_blocking=non_blocking)
+            loss, emb = self.compute_loss(images, labels)
+            self.scaler.scale(loss).backward()
+            self._optimizer_step(frozen)
+
+            self._track_finite(loss.detach(), emb.detach())
+            self._epoch_loss += all_reduce_mean(loss.detach()).double()
+            self._epoch_steps += 1
+            self.batch_in_epoch += 1
+            self.global_step += 1
+            n_images += images.shape[0] * self.dist.world_size
+            bar.update(1)
+            if self.global_step % log_every == 0:
+                self._check_finite()
+                bar.set_postfix(loss=f"{float(self._epoch_loss) / self._epoch_steps:.4f}")
+            for cb in self.callbacks:
+                cb.on_step_end(self)
+            if (self.stop_after_steps is not None and self.global_step >= self.stop_after_steps) or self._stop_requested:
+                if self.batch_in_epoch < per_epoch:
+                    self._check_finite()
+                    return True
+                self._finish_epoch(t0, n_images)
+                return True
+            every = cfg.train.checkpoint_every
+            if every and self.global_step % every == 0 and self.batch_in_epoch < per_epoch:
+                self._check_finite()
+                self.save_checkpoint()
+        self._finish_epoch(t0, n_images)
+        return False
+
+    def _finish_epoch(self, t0: float, n_images: int) -> None:
+        cfg = self.cfg
+        self._check_finite()
+        elapsed = time.perf_counter() - t0
+        steps = max(1, self._epoch_steps)
+        record = {
+            "epoch": self.epoch + 1,
+            "step": self.global_step,
+            "loss": float(self._epoch_loss) / steps,
+            **self._lrs(),
+            "time_s": elapsed,
+            "images_per_s": n_images / elapsed if elapsed > 0 else float("nan"),
+        }
+        with warnings.catch_warnings():
+            # a backbone frozen for warm-up has not stepped its optimiser: its schedule still advances
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+            for s in self.schedulers.values():
+                s.step()
+        last = self.epoch + 1 == cfg.train.epochs
+        every = cfg.eval.every
+        if (every and (self.epoch + 1) % every == 0) or (last and cfg.eval.at_end):
+            record.update(self.evaluate())
+        self.history.append(record)
+        if self.dist.is_main:
+            with open(self.run_dir / METRICS_NAME, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        for cb in self.callbacks:
+            cb.on_epoch_end(self, record)
+        self.epoch += 1
+        self.batch_in_epoch = 0
+        self._epoch_loss = torch.zeros((), device=self.device, dtype=torch.float64)
+        self._epoch_steps = 0
+        self.save_checkpoint()
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Evaluate the current model on the eval sets (rank 0; other ranks wait and get {})."""
+        out: dict = {}
+        if self.dist.is_main:
+            was_training = self.model.training
+            self.model.eval()
+            # evaluation must not consume the training random streams (resumed runs stay identical)
+            with torch.random.fork_rng(devices=[]):
+                out = evaluate_model(
+                    self.model,
+                    self.eval_sets,
+                    batch_size=self.cfg.data.eval_batch_size,
+                    num_workers=self.cfg.data.num_workers,
+                    device=self.device,
+                    amp=self.amp_dtype is not None,
+                    metrics=self.cfg.eval.metrics,
+                    max_items=self.cfg.eval.max_items,
+                    progress=self.progress,
+                )
+            self.model.train(was_training)
+        barrier(self.dist)
+        return out
+
+    def _result(self, interrupted: bool) -> TrainResult:
+        metrics = {}
+        for rec in reversed(self.history):
+            evals = {k: v for k, v in rec.items() if "/" in k and not k.startswith("lr/")}
+            if evals:
+                metrics = evals
+                break
+        return TrainResult(
+            run_dir=self.run_dir,
+            history=pd.DataFrame(self.history),
+            metrics=metrics,
+            checkpoint=self.checkpoint_path,
+            interrupted=interrupted,
+            global_step=self.global_step,
+        )
+
+
+def train(
+    cfg: Recipe,
+    out_dir=None,
+    resume: bool = False,
+    data_root=None,
+    progress: bool = True,
+    callbacks: Iterable[Callback] = (),
+    stop_after_steps: int | None = None,
+    train_set=None,
+    eval_sets=None,
+) -> TrainResult:
+    """Train a recipe end to end; see :class:`Trainer` for the arguments."""
+    trainer = Trainer(
+        cfg, out_dir=out_dir, data_root=data_root, train_set=train_set, eval_sets=eval_sets,
+        progress=progress, callbacks=callbacks, stop_after_steps=stop_after_steps,
+    )
+    return trainer.fit(resume=resume)

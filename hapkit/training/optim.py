@@ -1,0 +1,56 @@
+"""Optimisers and per-epoch learning-rate schedules for the parameter groups of a recipe.
+
+Each group (backbone, head, loss parameters) gets its own optimiser and scheduler, as in the
+official HAPPIER / ROADMAP configurations, where e.g. HAPPIER's cluster weights use Adam with
+lr 10 decayed to 0.1 while the network uses Adam with lr 1e-5..1e-4. Schedules step once per
+epoch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hapkit.training.config import OptimConfig, group_settings
+
+__all__ = ["build_optimizer", "build_scheduler", "build_group"]
+
+
+def build_optimizer(params, settings: dict) -> torch.optim.Optimizer:
+    """Adam, AdamW or SGD (momentum, optional Nesterov) from resolved group settings."""
+    params = list(params)
+    name, lr, wd = settings["optimizer"], settings["lr"], settings["weight_decay"]
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=wd)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+    if name == "sgd":
+        return torch.optim.SGD(
+            params, lr=lr, weight_decay=wd, momentum=settings["momentum"], nesterov=settings["nesterov"]
+        )
+    raise ValueError(f"unknown optimizer {name!r}; choose adam, adamw or sgd")
+
+
+def build_scheduler(optimizer, settings: dict, epochs: int):
+    """Per-epoch schedule: cosine to ``eta_min`` over ``epochs``, multistep (``milestones``, ``gamma``) or constant."""
+    kind = settings["scheduler"]
+    if kind == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=max(1, epochs), eta_min=settings["eta_min"]
+        )
+    if kind == "multistep":
+        return torch.optim.lr_scheduler.MultiStepLR(
+            optimizer, milestones=list(settings["milestones"]), gamma=settings["gamma"]
+        )
+    if kind == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
+    raise ValueError(f"unknown scheduler {kind!r}; choose cosine, multistep or constant")
+
+
+def build_group(params, optim: OptimConfig, group: str, epochs: int):
+    """(optimizer, scheduler) for one named group, or (None, None) when it has no parameter."""
+    params = [p for p in params]
+    if not params:
+        return None, None
+    settings = group_settings(optim, group)
+    opt = build_optimizer(params, settings)
+    return opt, build_scheduler(opt, settings, epochs)

@@ -1,0 +1,339 @@
+"""Training runs as the notebooks and the command line use them: cached training of a recipe,
+loading a checkpoint, embedding a split, writing a run's metrics.
+
+- :func:`train_cached` trains a recipe with :func:`hapkit.training.engine.train` unless a finished
+  run is cached under ``<cache_dir>/runs/<recipe>-e<epochs>-seed<seed>-<hash>`` (the hash covers
+  every recipe value), so that a second notebook asking for the same run reuses the first one's.
+- :func:`load_model` is the one checkpoint -> model loader; :func:`initial_model` is the network
+  of a recipe at its random initialisation (the baseline that shows what training changed).
+- :func:`embed_split` embeds a split with the recipe's test transform; :func:`trained_embeddings`
+  / :func:`untrained_embeddings` do the above and cache the embeddings beside the run.
+- :func:`write_run_metrics` writes a finished run's ``metrics.json`` (:mod:`hapkit.results`).
+
+>>> emb = trained_embeddings("happier_generated", epochs=1, max_items=2048)   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from hapkit.data import EmbeddingSet, build_split, build_train_set, spread_indices
+from hapkit.data.base import default_cache_dir
+from hapkit.data.builder import evaluation_split, recipe_transform, with_transform
+from hapkit.evaluate import extract_embeddings
+from hapkit.results import headline_metrics, write_metrics
+from hapkit.training.checkpoint import load_checkpoint, rng_state, seed_everything, set_rng_state
+from hapkit.training.config import Recipe, apply_overrides, from_dict, to_dict
+from hapkit.training.models import build_model
+
+__all__ = [
+    "DEFAULT_RECIPE",
+    "resolve_recipe",
+    "run_key",
+    "train_cached",
+    "load_model",
+    "initial_model",
+    "embed_split",
+    "trained_embeddings",
+    "untrained_embeddings",
+    "write_run_metrics",
+]
+
+DEFAULT_RECIPE = "happier_generated"
+EMBEDDINGS_FORMAT = 1  # bump when the cached embedding files change meaning
+
+
+def resolve_recipe(recipe=DEFAULT_RECIPE, epochs: int | None = None, seed: int | None = None, overrides=()):
+    """The :class:`hapkit.training.config.Recipe` for a name, method, YAML path or Recipe, with
+    ``epochs``, ``seed`` and ``overrides`` (``"section.key=value"`` strings) applied.
+
+    The engine's own evaluation is switched off (``eval.every=0``, ``eval.at_end=false``): the
+    callers of this module evaluate the embeddings themselves.
+    """
+    from hapkit.training.recipes import load_recipe
+
+    settings = [*list(overrides), "eval.every=0", "eval.at_end=false"]
+    if epochs is not None:
+        if int(epochs) < 1:
+            raise ValueError(f"epochs must be at least 1, got {epochs}")
+        settings.append(f"train.epochs={int(epochs)}")
+    if seed is not None:
+        settings.append(f"seed={int(seed)}")
+    if isinstance(recipe, Recipe):
+        return apply_overrides(recipe, settings)
+    return load_recipe(str(recipe), overrides=settings)
+
+
+def run_key(cfg, dataset_options: Mapping | None = None) -> str:
+    """Cache folder name of a training run: readable prefix plus a hash of every recipe value
+    (and of the dataset loader options, when any)."""
+    blob = json.dumps([to_dict(cfg), dict(dataset_options or {})], sort_keys=True, default=str)
+    digest = hashlib.sha256(blob.encode()).hexdigest()[:10]
+    return f"{cfg.name}-e{cfg.train.epochs}-seed{cfg.seed}-{digest}"
+
+
+def _cache_root(cache_dir) -> Path:
+    return Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+
+
+def train_cached(cfg, cache_dir=None, data_root=None, dataset_options: Mapping | None = None, progress: bool = True) -> Path:
+    """Train ``cfg`` with :func:`hapkit.training.engine.train` unless a finished run is cached;
+    returns the run directory ``<cache_dir>/runs/<run_key(cfg)>`` (``checkpoint.pt``,
+    ``metrics.jsonl``). ``dataset_options`` go to the dataset loader (e.g.
+    ``{"images_per_class": 8}`` for "generated").
+
+    The run trains in a temporary folder beside the cache and is renamed into place when it has
+    finished, so a run that was interrupted, or two notebooks training the same key at once, never
+    leave a half-trained model under the final name (the second finisher discards its copy).
+    ``cache_dir`` defaults to ``$HAPKIT_CACHE`` or ``~/.cache/hapkit``.
+    """
+    from hapkit.training.engine import CHECKPOINT_NAME, train
+
+    runs = _cache_root(cache_dir) / "runs"
+    final = runs / run_key(cfg, dataset_options)
+    if (final / CHECKPOINT_NAME).is_file():
+        return final
+    train_set = build_train_set(cfg.data, root=data_root, options=dataset_options) if dataset_options else None
+    runs.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".partial-", dir=runs))
+    try:
+        result = train(cfg, out_dir=tmp, data_root=data_root, progress=progress, train_set=train_set)
+        if result.interrupted:
+            raise RuntimeError(f"training of {cfg.name} was interrupted; nothing cached")
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if not (final / CHECKPOINT_NAME).is_file():
+                raise
+            # another process finished the same run first: keep its copy
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def load_model(checkpoint, device=None):
+    """The model and recipe of a checkpoint written by ``hapkit train`` (or of a run directory).
+
+    Returns ``(model, cfg)``, the model in eval mode on ``device`` (default CPU). The weights come
+    from the checkpoint, so no ImageNet weights are fetched.
+    """
+    from hapkit.training.engine import CHECKPOINT_NAME
+
+    path = Path(checkpoint)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    state = load_checkpoint(path)
+    if "model" not in state or "recipe" not in state:
+        raise ValueError(f"{path} is not a hapkit training checkpoint (it has no 'model' and 'recipe' entries)")
+    cfg = from_dict(Recipe, state["recipe"])
+    model = build_model(dataclasses.replace(cfg.model, pretrained=False))
+    model.load_state_dict(state["model"])
+    return model.to(device or "cpu").eval(), cfg
+
+
+def initial_model(cfg, device=None):
+    """The recipe's network as training starts it: same seed, hence the same random weights as
+    the first step of :func:`hapkit.training.engine.train` (ImageNet weights when the recipe uses
+    them). The global random generators are left as they were."""
+    saved = rng_state()
+    try:
+        seed_everything(cfg.seed)
+        model = build_model(cfg.model)
+    finally:
+        set_rng_state(saved)
+    return model.to(device or "cpu").eval()
+
+
+def _embedding_set(raw, emb, labels, idx, cfg, split, max_items, source, run_dir=None) -> EmbeddingSet:
+    return EmbeddingSet(
+        embeddings=emb, labels=labels, indices=idx, level_names=list(raw.level_names), class_names=raw.class_names,
+        dataset=raw, source=source, run_dir=run_dir, recipe=cfg.name,
+        info={"split": split, "dataset": cfg.data.dataset, "max_items": max_items},
+    )
+
+
+def embed_split(
+    model,
+    cfg,
+    split: str | None = None,
+    max_items: int | None = None,
+    data_root=None,
+    batch_size: int | None = None,
+    device=None,
+    progress: bool = True,
+    source: str = "",
+    dataset_options: Mapping | None = None,
+) -> EmbeddingSet:
+    """Embed ``max_items`` images (evenly spread; None = all) of a split of the recipe's dataset
+    with the recipe's test transform; see :func:`hapkit.evaluate.extract_embeddings`.
+    ``dataset_options`` go to the dataset loader."""
+    split = split or evaluation_split(cfg.data.dataset)
+    raw = build_split(cfg.data, split, root=data_root, options=dataset_options, transform=None)
+    idx = spread_indices(len(raw), max_items)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(with_transform(raw, recipe_transform(cfg.data, train=False)), idx.tolist()),
+        batch_size=batch_size or cfg.data.eval_batch_size,
+        shuffle=False,
+        num_workers=0,
+    )
+    emb, labels = extract_embeddings(model, loader, device=device, progress=progress)
+    return _embedding_set(raw, emb.numpy().astype(np.float32, copy=False), labels.numpy(), idx, cfg, split,
+                          max_items, source)
+
+
+def _cache_file(run_dir: Path, kind: str, split: str, max_items) -> Path:
+    return run_dir / f"embeddings-{kind}-{split}-n{max_items if max_items is not None else 'all'}.npz"
+
+
+def _save_npz(path: Path, **arrays) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _load_cached(path: Path, raw):
+    """The cached (embeddings, labels, indices) when readable and still matching the rows of
+    ``raw`` (the dataset split they were computed on), else None."""
+    try:
+        with np.load(path) as f:
+            if int(f["format"]) != EMBEDDINGS_FORMAT:
+                return None
+            emb, labels, idx = f["embeddings"], f["labels"], f["indices"]
+    except (OSError, ValueError, KeyError, EOFError):
+        return None  # unreadable (interrupted write of an older version, foreign file): embed again
+    if idx.size == 0 or int(idx.max()) >= len(raw) or not np.array_equal(raw.labels[idx], labels):
+        return None
+    return emb, labels, idx
+
+
+def _cached_embeddings(run_dir: Path, kind: str, model_fn, cfg, split, max_items, data_root, device, progress,
+                       dataset_options=None):
+    """Embeddings of ``model_fn()`` cached in ``run_dir``, one file per (kind, split, max_items)."""
+    split = split or evaluation_split(cfg.data.dataset)
+    path = _cache_file(run_dir, kind, split, max_items)
+    if path.is_file():
+        raw = build_split(cfg.data, split, root=data_root, options=dataset_options, transform=None)
+        hit = _load_cached(path, raw)
+        if hit is not None:
+            return _embedding_set(raw, *hit, cfg, split, max_items, kind, run_dir)
+    out = embed_split(model_fn(), cfg, split, max_items, data_root, device=device, progress=progress, source=kind,
+                      dataset_options=dataset_options)
+    out.run_dir = run_dir
+    _save_npz(path, format=np.int64(EMBEDDINGS_FORMAT), embeddings=out.embeddings, labels=out.labels, indices=out.indices)
+    return out
+
+
+def trained_embeddings(
+    recipe=DEFAULT_RECIPE,
+    epochs: int | None = 1,
+    seed: int = 0,
+    checkpoint=None,
+    cache_dir=None,
+    overrides: Sequence[str] = (),
+    max_items: int | None = None,
+    split: str | None = None,
+    data_root=None,
+    dataset_options: Mapping | None = None,
+    device=None,
+    progress: bool = True,
+) -> EmbeddingSet:
+    """Test-set embeddings of a trained model, training (and caching) a run when needed.
+
+    Args:
+        recipe: bundled recipe name (default ``happier_generated``: HAPPIER, Ramzi et al. ECCV
+            2022, on the embedded generated dataset), a YAML path or a Recipe.
+        epochs: training length (default 1, a CI-sized run; None keeps the recipe's).
+        seed: the run's seed.
+        checkpoint: a ``checkpoint.pt`` (or run directory) from ``hapkit train`` or notebook 03;
+            when given, nothing is trained and ``recipe``/``epochs``/``seed`` are ignored.
+        cache_dir: where runs and their embeddings are cached (default ``$HAPKIT_CACHE`` or
+            ``~/.cache/hapkit``); the key covers every recipe value, so changing any of them
+            trains a new run.
+        overrides: recipe changes, ``"section.key=value"`` strings.
+        max_items: embed this many test images, evenly spread (None = all).
+        split: the split to embed (default ``"test"``: classes unseen in training).
+        data_root: folder of a prepared real dataset.
+        dataset_options: options of the dataset loader (e.g. ``{"images_per_class": 8}``).
+        device: where to run the model (default CPU).
+        progress: tqdm progress bars.
+    """
+    if checkpoint is not None:
+        model, cfg = load_model(checkpoint, device)
+        out = embed_split(model, cfg, split, max_items, data_root, device=device, progress=progress,
+                          source="checkpoint", dataset_options=dataset_options)
+        out.run_dir = Path(checkpoint).parent if Path(checkpoint).is_file() else Path(checkpoint)
+        return out
+    cfg = resolve_recipe(recipe, epochs, seed, overrides)
+    run_dir = train_cached(cfg, cache_dir, data_root=data_root, dataset_options=dataset_options, progress=progress)
+    return _cached_embeddings(
+        run_dir, "trained", lambda: load_model(run_dir, device)[0], cfg, split, max_items, data_root, device,
+        progress, dataset_options,
+    )
+
+
+def untrained_embeddings(
+    recipe=DEFAULT_RECIPE,
+    seed: int = 0,
+    checkpoint=None,
+    cache_dir=None,
+    overrides: Sequence[str] = (),
+    max_items: int | None = None,
+    split: str | None = None,
+    data_root=None,
+    dataset_options: Mapping | None = None,
+    device=None,
+    progress: bool = True,
+) -> EmbeddingSet:
+    """The same images embedded by the recipe's network before training (its initial weights, see
+    :func:`initial_model`); with ``checkpoint``, the network of the checkpoint's recipe.
+
+    Cached like :func:`trained_embeddings`, under ``<cache_dir>/runs/<key>-init`` (the training
+    length is not part of that key: it does not change the initial weights).
+    """
+    if checkpoint is not None:
+        _, cfg = load_model(checkpoint)
+    else:
+        cfg = resolve_recipe(recipe, None, seed, overrides)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=0))
+    run_dir = _cache_root(cache_dir) / "runs" / f"{run_key(cfg, dataset_options)}-init"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return _cached_embeddings(
+        run_dir, "initial", lambda: initial_model(cfg, device), cfg, split, max_items, data_root, device,
+        progress, dataset_options,
+    )
+
+
+def write_run_metrics(output_dir, result, cfg, dataset: str | None = None, seed: int | None = None,
+                      level_names=None) -> Path:
+    """Write ``metrics.json`` of a finished training run (read back by :func:`hapkit.results.collect_runs`)."""
+    return write_metrics(
+        output_dir,
+        result.metrics,
+        recipe=cfg.name,
+        method=cfg.method,
+        dataset=dataset or cfg.data.dataset,
+        seed=cfg.seed if seed is None else seed,
+        epochs=cfg.train.epochs,
+        steps=int(result.global_step),
+        level_names=list(level_names) if level_names is not None else None,
+        headline=headline_metrics(result.metrics),
+        reported=dict(cfg.reported),
+        train_time_s=float(result.history["time_s"].sum()) if "time_s" in result.history else None,
+        config=to_dict(cfg),
+    )

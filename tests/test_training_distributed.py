@@ -1,0 +1,114 @@
+"""Two processes (gloo, CPU) see the same loss, gradients and updates as one process on the
+global batch: sampler sharding, embeddings gathered with gradient, DDP, loss parameters."""
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_training_engine import TINY, TinySet, eval_sets  # noqa: E402
+
+from hapkit.training.engine import Trainer  # noqa: E402
+from hapkit.training.recipes import load_recipe  # noqa: E402
+
+# frozen batch-norm statistics: per-process BN would see half the batch (SyncBatchNorm is CUDA-only)
+OVERRIDES = TINY + ["model.freeze_batchnorm=true", "eval.every=0", "eval.at_end=false", "optim.lr=0.01"]
+STEPS = 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fixed_batch():
+    data = TinySet(noise=0.0)
+    idx = list(range(0, 8)) + list(range(32, 40))  # 2 fine classes from each super-class, 4 images each
+    images = torch.stack([data[i][0] for i in idx])
+    labels = torch.stack([data[i][1] for i in idx])
+    return images, labels
+
+
+def loss_and_grads(trainer, images, labels):
+    trainer._set_warmup(False)
+    trainer.model.train()
+    loss, _ = trainer.compute_loss(images, labels)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    for n, p in trainer.loss_fn.named_parameters():
+        grads["loss." + n] = p.grad.clone()
+    return loss.detach(), grads
+
+
+def worker(rank, world, port, out_dir, recipe):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world),
+                      RANK=str(rank), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    from hapkit.training.distributed import all_reduce_mean, shutdown_distributed
+
+    try:
+        cfg = load_recipe(recipe, overrides=OVERRIDES)
+        trainer = Trainer(cfg, out_dir=Path(out_dir) / "run", train_set=TinySet(), eval_sets=eval_sets(),
+                          progress=False, stop_after_steps=STEPS)
+        assert trainer.dist.world_size == world and trainer.dist.rank == rank
+        images, labels = fixed_batch()
+        n = images.shape[0] // world
+        sl = slice(rank * n, (rank + 1) * n)
+        loss, grads = loss_and_grads(trainer, images[sl], labels[sl])
+        # what DDP and the engine do to the loss parameters: average over processes
+        for g in grads.values():
+            dist.all_reduce(g)
+            g.div_(world)
+        for o in trainer.optimizers.values():
+            o.zero_grad(set_to_none=True)
+        result = trainer.fit()
+        if rank == 0:
+            torch.save({"loss": all_reduce_mean(loss), "grads": grads, "model": trainer.model.state_dict(),
+                        "steps": result.global_step, "history": result.history},
+                       Path(out_dir) / "ddp.pt")
+        else:
+            all_reduce_mean(loss)
+    finally:
+        shutdown_distributed()
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_on_the_global_batch(tmp_path, recipe="happier_generated"):
+    # HAPPIER: a rank loss over the gathered batch plus a clustering loss with its own parameters
+    mp.spawn(worker, args=(2, free_port(), str(tmp_path), recipe), nprocs=2, join=True)
+    ddp = torch.load(tmp_path / "ddp.pt", weights_only=False)
+
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        assert key not in os.environ
+    cfg = load_recipe(recipe, overrides=OVERRIDES)
+    single = Trainer(cfg, out_dir=tmp_path / "single", train_set=TinySet(), eval_sets=eval_sets(),
+                     progress=False, stop_after_steps=STEPS)
+    images, labels = fixed_batch()
+    loss, grads = loss_and_grads(single, images, labels)
+    for o in single.optimizers.values():
+        o.zero_grad(set_to_none=True)
+
+    torch.testing.assert_close(ddp["loss"], loss, rtol=1e-5, atol=1e-6)
+    assert ddp["grads"].keys() == grads.keys()
+    for k in grads:
+        torch.testing.assert_close(ddp["grads"][k], grads[k], rtol=1e-4, atol=1e-6, msg=k)
+
+    result = single.fit()
+    assert ddp["steps"] == result.global_step == STEPS
+    for k, v in single.model.state_dict().items():
+        torch.testing.assert_close(ddp["model"][k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_gather_is_the_identity_without_a_process_group():
+    from hapkit.training.distributed import all_gather_nograd, all_reduce_mean, gather_with_grad
+
+    x = torch.randn(4, 3, requires_grad=True)
+    assert gather_with_grad(x) is x and all_gather_nograd(x) is x and all_reduce_mean(x) is x
