@@ -47,14 +47,15 @@ class HapkitLoss(nn.Module):
       ``ref_emb`` / ``ref_labels`` (rank losses); with several processes the engine gives it the
       gathered global batch. False for losses against learned proxies or class weights, which
       see the local batch (their mean over samples makes DDP's gradient averaging exact).
-    - ``parameter_group``: the recipe's optimiser group (``optim.<group>``) of the loss's own
-      learnable parameters, when it has any (proxies, class weights).
+    - ``has_parameters``: the loss has learnable parameters of its own (proxies, class weights),
+      trained by the optimiser of ``parameter_group``, the recipe's ``optim.<group>`` section.
 
     :meth:`training_kwargs` fills the constructor arguments that come from the training data
     (class counts, embedding size, hierarchy, seed) when a recipe leaves them out.
     """
 
     takes_reference_set: ClassVar[bool] = True
+    has_parameters: ClassVar[bool] = False
     parameter_group: ClassVar[str] = "loss"
 
     @classmethod

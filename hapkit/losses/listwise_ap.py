@@ -17,6 +17,7 @@ batches of thousands of images, together with :func:`multistage_backward`.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Sequence
 
 import torch
@@ -156,6 +157,7 @@ def multistage_backward(
     *,
     loss_kwargs: dict | None = None,
     scaler=None,
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
     replay_rng: bool = True,
     restore_buffers: bool = True,
     progress: bool = False,
@@ -196,7 +198,11 @@ def multistage_backward(
         sub_batch_size: images per forward/backward pass of the network.
         loss_kwargs: extra keyword arguments for ``loss_fn`` (e.g. ``ref_emb``, ``ref_labels``).
         scaler: an optional ``torch.amp.GradScaler``; the loss is scaled before stage 2.
+        forward: how to embed a sub-batch (default ``model``), e.g. ``model`` under autocast.
         progress: show progress bars over the sub-batches.
+
+    A DistributedDataParallel ``model`` synchronises its gradients once, on the last sub-batch
+    (``no_sync`` on the others); the loss may gather the embeddings of every process.
     """
     if sub_batch_size < 1:
         raise ValueError(f"multistage_backward: sub_batch_size must be >= 1, got {sub_batch_size}")
@@ -205,6 +211,7 @@ def multistage_backward(
     B = images.shape[0]
     slices = [slice(i, min(i + sub_batch_size, B)) for i in range(0, B, sub_batch_size)]
     device = images.device
+    embed = model if forward is None else forward
     snapshot = _buffers_snapshot(model) if restore_buffers else None
 
     # stage 1: embeddings of the whole batch, no graph kept
@@ -213,7 +220,7 @@ def multistage_backward(
         for sl in tqdm(slices, desc="embed", disable=not progress, leave=False):
             if replay_rng:
                 states.append(_rng_state(device))
-            parts.append(model(images[sl]))
+            parts.append(embed(images[sl]))
     if snapshot is not None:
         _restore_buffers(model, snapshot)
     after_pass1 = _rng_state(device) if replay_rng else None
@@ -229,11 +236,14 @@ def multistage_backward(
         raise RuntimeError("multistage_backward: the loss does not depend on the embeddings")
 
     # stage 3: recompute each sub-batch with a graph and push the stored gradient through it
+    no_sync = getattr(model, "no_sync", None)
     for i, sl in enumerate(tqdm(slices, desc="backprop", disable=not progress, leave=False)):
         if replay_rng:
             _set_rng_state(states[i], device)
-        out = model(images[sl])
-        out.backward(grad[sl].to(out.dtype))
+        last = i == len(slices) - 1
+        with no_sync() if (no_sync is not None and not last) else contextlib.nullcontext():
+            out = embed(images[sl])
+            out.backward(grad[sl].to(out.dtype))
     if replay_rng:
         _set_rng_state(after_pass1, device)
     return loss.detach()
