@@ -221,10 +221,14 @@ def _cmd_reproduce(args) -> int:
         out=args.out, jobs=args.jobs, epochs=args.epochs, overrides=args.overrides, force=args.force,
         notebook=args.notebook, timeout=args.timeout,
     )
-    if args.notebooks:
-        summary = reproduce.reproduce_all(**kwargs)
-    else:
-        summary = reproduce.run_grid(**kwargs)
+    try:
+        if args.notebooks:
+            summary = reproduce.reproduce_all(**kwargs)
+        else:
+            summary = reproduce.run_grid(**kwargs)
+    except reproduce.DataNotPrepared as e:
+        print(f"hapkit reproduce: {e}", file=sys.stderr)
+        return 2
     print(format_markdown(summary))
     print(f"\nwritten: {Path(args.out) / 'summary.csv'} and {Path(args.out) / 'summary.md'}")
     return 0
