@@ -339,3 +339,58 @@ def test_agreement_figure_and_from_embedding_set(data):
     ex = RankingExplorer.from_embedding_set(items, results=res, top_k=2, query=9)
     assert ex.level_names == LEVELS and "f1" in ex.info.value and "m0" in ex.info.value
     np.testing.assert_array_equal(decode_png(ex.thumbnail_png(9))[::9, ::9], images[9])
+
+
+# ------------------------------------------------------------------------ two models
+
+
+def two_models():
+    emb, labels, images = make_data(seed=0)
+    other, _, _ = make_data(seed=0, noise=2.5)  # the same items, a worse embedding
+    return emb, other, labels, images
+
+
+def test_model_gaps_order_the_queries_by_how_differently_two_models_rank_them():
+    from hapkit.viz.explorer_state import rank_model_gaps
+
+    a = pd.DataFrame({"H-AP": [0.9, 0.2, np.nan, 0.5], "AP@0": [0.1, 0.3, 0.4, 0.5]})
+    b = pd.DataFrame({"H-AP": [0.1, 0.3, 0.2, 0.9], "AP@0": [0.1, 0.9, 0.4, 0.6]})
+    assert rank_model_gaps(a, b, 0, "gap") == [0, 3, 1]
+    assert rank_model_gaps(a, b, 0, "first") == [0, 1, 3]
+    assert rank_model_gaps(a, b, 0, "second") == [3, 1, 0]
+    assert rank_model_gaps(a, b, 0, "gap-ap") == [1, 3, 0, 2]
+    with pytest.raises(ValueError, match="unknown order"):
+        rank_model_gaps(a, b, 0, "best")
+
+
+def test_comparison_shows_one_query_under_both_models():
+    from hapkit.viz.explorer import ComparisonExplorer
+    from hapkit.viz.explorer_state import RankingState
+
+    emb, other, labels, images = two_models()
+    good = RankingState(emb, labels, level_names=LEVELS, top_k=4)
+    bad = RankingState(other, labels, level_names=LEVELS, top_k=4)
+    ex = ComparisonExplorer({"good": good, "bad": bad}, images=images, thumb_size=16)
+    gaps = np.abs(good.per_query["H-AP"] - bad.per_query["H-AP"]).to_numpy()
+    listed = ex.state()["listed"]
+    assert listed[0] == int(np.argmax(gaps)) and ex.state()["query"] == listed[0]
+    assert np.all(np.diff(gaps[listed]) <= 1e-12)  # largest gap first
+    for name, ref in (("good", emb), ("bad", other)):
+        state = ex.state()["models"][name]
+        assert state["ranking"] == ref_order(ref, state["query"])[:4]
+        assert len(ex.galleries[name].children) == 5
+        assert f"H-AP {state['metrics']['H-AP']:.3f}" in ex.headers[name].value
+    ex.next_button.click()
+    assert ex.state()["query"] == listed[1]
+    assert all(m["query"] == listed[1] for m in ex.state()["models"].values())
+    ex.column_toggle.value = 2
+    assert all(m["column"] == 2 for m in ex.state()["models"].values())
+    ex.k_slider.value = 6
+    assert all(len(g.children) == 7 for g in ex.galleries.values())
+    fig = ex.figure(listed[:2], top_k=3, tile=16)
+    text = " ".join(a.text for a in fig.layout.annotations)
+    assert f"good, query {listed[0]}" in text and f"bad, query {listed[1]}" in text
+    with pytest.raises(ValueError, match="same images"):
+        ComparisonExplorer({"a": good, "b": RankingState(emb[:20], labels[:20])})
+    with pytest.raises(ValueError, match="at least two"):
+        ComparisonExplorer({"a": good})

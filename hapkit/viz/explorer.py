@@ -30,7 +30,7 @@ from hapkit.viz.explorer_state import ORDERS, RankingState
 from hapkit.viz.images import blank_tile, embedding_images, framed, image_grid, to_rgb_array
 from hapkit.viz.ranking import level_colors, level_label, ranking_figure
 
-__all__ = ["RankingExplorer"]
+__all__ = ["RankingExplorer", "ComparisonExplorer", "rankings_figure"]
 
 _QUERY_BORDER = "#1f3b73"
 
@@ -61,6 +61,132 @@ def _fmt(v) -> str:
     return "–" if v is None or not np.isfinite(v) else f"{v:.3f}"
 
 
+class _Thumbnails:
+    """The items' images as framed thumbnails (widgets) and tile pixels (static figures)."""
+
+    def __init__(self, images, n: int, thumb_size: int):
+        self.image_fn = _image_source(images, n)
+        self.thumb_size = int(thumb_size)
+        self._png_cache: dict[int, bytes] = {}
+
+    def png(self, item: int) -> bytes:
+        """PNG bytes of item ``item``'s thumbnail, ``thumb_size`` wide (nearest-neighbour upscaling
+        keeps small images crisp); cached."""
+        if item not in self._png_cache:
+            from PIL import Image
+
+            img = Image.fromarray(self.image_fn(item))
+            scale = self.thumb_size / max(img.size)
+            size = (max(1, round(img.size[0] * scale)), max(1, round(img.size[1] * scale)))
+            resample = Image.NEAREST if scale >= 1 else Image.LANCZOS
+            buf = io.BytesIO()
+            img.resize(size, resample).save(buf, format="PNG")
+            self._png_cache[item] = buf.getvalue()
+        return self._png_cache[item]
+
+    def tile(self, item: int, caption: str, color: str, width: int = 4):
+        import ipywidgets as w
+
+        size = f"{self.thumb_size}px"
+        if self.image_fn is not None:
+            pic = w.Image(value=self.png(item), format="png", layout=w.Layout(width=size, height=size))
+        else:
+            pic = w.HTML(f"<div style='width:{size};height:{size};background:{color}'></div>")
+        pic.layout.border = f"{width}px solid {color}"
+        text = w.HTML(f"<div style='font-size:80%;line-height:1.2;width:{self.thumb_size + 8}px'>{caption}</div>")
+        return w.VBox([pic, text], layout=w.Layout(margin="2px 4px", align_items="center"))
+
+    def pixels(self, item: int, tile: int, color: str) -> np.ndarray:
+        if self.image_fn is None:
+            return blank_tile(tile, tile, _to_rgb(color))
+        from PIL import Image
+
+        img = Image.fromarray(self.image_fn(item)).resize((tile, tile), Image.NEAREST)
+        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+    def ranking_tiles(self, state: RankingState, colors: list[str]) -> list:
+        """The query's tile, then one per retrieved item, framed by its shared level v."""
+        q = state.query
+        tiles = [self.tile(q, f"<b>query {q}</b><br>{html.escape(state.class_name(q, 0))}", _QUERY_BORDER, 5)]
+        for rank, (item, v) in enumerate(zip(state.ranking.tolist(), state.shared.tolist()), start=1):
+            mark = " ✓" if state.is_positive(v) else ""
+            caption = f"#{rank} · V={v}{mark}<br>{html.escape(state.class_name(item, 0))}"
+            tiles.append(self.tile(item, caption, colors[v]))
+        return tiles
+
+
+def _legend(level_labels: list[str], colors: list[str]) -> str:
+    items = "".join(
+        f"<span style='display:inline-block;margin-right:12px'>"
+        f"<span style='display:inline-block;width:12px;height:12px;background:{colors[v]};"
+        f"border:1px solid #444;vertical-align:middle'></span> {html.escape(level_labels[v])}</span>"
+        for v in range(len(level_labels) - 1, -1, -1)
+    )
+    return f"<div style='font-size:90%'>frame colour = shared levels with the query: {items}</div>"
+
+
+def rankings_figure(rows, k: int, column: int, thumbs: _Thumbnails, tile: int = 56, title: str | None = None):
+    """A static plotly figure of rankings: ``rows`` is a list of ``(state, query, label)``, each row
+    the query then its top ``k`` items framed by their shared level v, under a title band with
+    ``label`` and the query's H-AP, NDCG and AP at ``column``.
+
+    Geometry: tiles of ``tile`` px inside a 4-px frame, 6 px apart, under a 30-px title band."""
+    import plotly.express as px
+    import plotly.graph_objects as go
+
+    if not rows:
+        raise ValueError("no query to draw")
+    first = rows[0][0]
+    colors = level_colors(first.num_levels)
+    labels = [level_label(v, first.num_levels, first.level_names) for v in range(first.num_levels + 1)]
+    border, gap, head, foot = 4, 6, 30, 16
+    cell = tile + 2 * border
+    bands, annotations = [], []
+    for r, (s, q, label) in enumerate(rows):
+        ranking, V = s.ranking_of(q, k)
+        items = [(q, _QUERY_BORDER, "query")] + [
+            (item, colors[v], f"#{i + 1} V={v}") for i, (item, v) in enumerate(zip(ranking.tolist(), V.tolist()))
+        ]
+        row = image_grid([framed(thumbs.pixels(i, tile, c), _to_rgb(c), border) for i, c, _ in items], len(items),
+                         pad=gap)
+        bands += [blank_tile(head - gap, row.shape[1]), row, blank_tile(foot - gap, row.shape[1])]
+        y0 = r * (head + cell + foot) + head
+        m = s.per_query.loc[q]
+        annotations.append(dict(
+            x=gap, y=y0 - head / 2, xanchor="left", yanchor="middle", showarrow=False,
+            text=(f"<b>{label}</b> ({html.escape(s.class_name(q, 0))}): H-AP {_fmt(m['H-AP'])}, "
+                  f"NDCG {_fmt(m['NDCG'])}, AP@{html.escape(s.level_names[column])} {_fmt(m[f'AP@{column}'])}"),
+            font=dict(size=12),
+        ))
+        annotations += [
+            dict(x=gap + j * (cell + gap) + cell / 2, y=y0 + cell + 8, showarrow=False, text=caption,
+                 font=dict(size=10), xanchor="center", yanchor="middle")
+            for j, (_, _, caption) in enumerate(items)
+        ]
+    width = max(b.shape[1] for b in bands)
+    bands = [np.pad(b, ((0, 0), (0, width - b.shape[1]), (0, 0)), constant_values=255) for b in bands]
+    canvas = np.concatenate(bands)
+    fig = px.imshow(canvas, binary_string=True)
+    for v in range(first.num_levels, -1, -1):  # legend entries for the frame colours
+        fig.add_trace(go.Scatter(
+            x=[None], y=[None], mode="markers", name=labels[v],
+            marker=dict(symbol="square", size=12, color=colors[v], line=dict(width=1, color="#444")),
+        ))
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    fig.update_layout(
+        annotations=annotations,
+        width=max(canvas.shape[1], 640),
+        height=canvas.shape[0] + 110,
+        margin=dict(l=0, r=0, t=40, b=60),
+        plot_bgcolor="white",
+        showlegend=True,
+        legend=dict(title="frame: shared levels", orientation="h", x=0, y=0, yanchor="top"),
+        title=title or f"top {k} retrieved items (AP at the {first.level_names[column]} level)",
+    )
+    return fig
+
+
 class RankingExplorer:
     """Browse the rankings of a retrieval model, one query at a time.
 
@@ -83,9 +209,7 @@ class RankingExplorer:
 
         self.ranking_state = state = RankingState(embeddings, labels, **state_options)
         N = len(state)
-        self._image_fn = _image_source(images, N)
-        self.thumb_size = int(thumb_size)
-        self._png_cache: dict[int, bytes] = {}
+        self.thumbnails = _Thumbnails(images, N, thumb_size)
         self.colors = level_colors(state.num_levels)
         self.level_labels = [level_label(v, state.num_levels, state.level_names) for v in range(state.num_levels + 1)]
 
@@ -110,7 +234,7 @@ class RankingExplorer:
         )
         # ---- views
         self.info = w.HTML()
-        self.legend = w.HTML(self._legend_html())
+        self.legend = w.HTML(_legend(self.level_labels, self.colors))
         self.gallery = w.HBox(layout=w.Layout(flex_flow="row wrap", align_items="flex-start"))
         left = w.VBox([w.HBox([self.query_slider, self.prev_button, self.next_button]), self.column_toggle, self.k_slider])
         right = w.VBox([self.order_dropdown, self.query_list])
@@ -201,122 +325,23 @@ class RankingExplorer:
             f"{n_pos} of the top {len(s.ranking)} share the query's {html.escape(s.level_names[c])} (✓)</div>"
         )
 
-    def _legend_html(self) -> str:
-        L = self.ranking_state.num_levels
-        items = "".join(
-            f"<span style='display:inline-block;margin-right:12px'>"
-            f"<span style='display:inline-block;width:12px;height:12px;background:{self.colors[v]};"
-            f"border:1px solid #444;vertical-align:middle'></span> {html.escape(self.level_labels[v])}</span>"
-            for v in range(L, -1, -1)
-        )
-        return f"<div style='font-size:90%'>frame colour = shared levels with the query: {items}</div>"
-
     def thumbnail_png(self, item: int) -> bytes:
-        """PNG bytes of item ``item``'s thumbnail, ``thumb_size`` wide (nearest-neighbour upscaling
-        keeps small images crisp); cached."""
-        if item not in self._png_cache:
-            from PIL import Image
-
-            img = Image.fromarray(self._image_fn(item))
-            scale = self.thumb_size / max(img.size)
-            size = (max(1, round(img.size[0] * scale)), max(1, round(img.size[1] * scale)))
-            resample = Image.NEAREST if scale >= 1 else Image.LANCZOS
-            buf = io.BytesIO()
-            img.resize(size, resample).save(buf, format="PNG")
-            self._png_cache[item] = buf.getvalue()
-        return self._png_cache[item]
-
-    def _tile(self, item: int, caption: str, color: str, width: int = 4):
-        import ipywidgets as w
-
-        size = f"{self.thumb_size}px"
-        if self._image_fn is not None:
-            pic = w.Image(value=self.thumbnail_png(item), format="png", layout=w.Layout(width=size, height=size))
-        else:
-            pic = w.HTML(f"<div style='width:{size};height:{size};background:{color}'></div>")
-        pic.layout.border = f"{width}px solid {color}"
-        text = w.HTML(f"<div style='font-size:80%;line-height:1.2;width:{self.thumb_size + 8}px'>{caption}</div>")
-        return w.VBox([pic, text], layout=w.Layout(margin="2px 4px", align_items="center"))
+        """PNG bytes of item ``item``'s thumbnail (see :class:`_Thumbnails`)."""
+        return self.thumbnails.png(item)
 
     def _tiles(self) -> list:
-        s = self.ranking_state
-        q = s.query
-        tiles = [self._tile(q, f"<b>query {q}</b><br>{html.escape(s.class_name(q, 0))}", _QUERY_BORDER, 5)]
-        for rank, (item, v) in enumerate(zip(s.ranking.tolist(), s.shared.tolist()), start=1):
-            mark = " ✓" if s.is_positive(v) else ""
-            caption = f"#{rank} · V={v}{mark}<br>{html.escape(s.class_name(item, 0))}"
-            tiles.append(self._tile(item, caption, self.colors[v]))
-        return tiles
+        return self.thumbnails.ranking_tiles(self.ranking_state, self.colors)
 
     # ------------------------------------------------------------------------ static views
 
-    def _tile_pixels(self, item: int, tile: int, color: str) -> np.ndarray:
-        if self._image_fn is None:
-            return blank_tile(tile, tile, _to_rgb(color))
-        from PIL import Image
-
-        img = Image.fromarray(self._image_fn(item)).resize((tile, tile), Image.NEAREST)
-        return np.asarray(img.convert("RGB"), dtype=np.uint8)
-
     def figure(self, queries: Sequence[int] | None = None, top_k: int | None = None, column: int | None = None, tile: int = 56):
-        """A static plotly figure of several queries' rankings: one row per query, the query then
-        its top-k items, each framed by its shared level v; the row title gives the query's
-        H-AP, NDCG and AP at ``column``. Renders in exported notebooks, unlike widgets.
-
-        Geometry: tiles of ``tile`` px inside a 4-px frame, 6 px apart, under a 30-px title band."""
-        import plotly.express as px
-        import plotly.graph_objects as go
-
+        """A static plotly figure of several queries' rankings (:func:`rankings_figure`): one row
+        per query. Renders in exported notebooks, unlike widgets."""
         s = self.ranking_state
         queries = s.disagreements(3) if queries is None else [int(q) for q in queries]
-        if not queries:
-            raise ValueError("no query to draw")
         k = s.top_k if top_k is None else max(1, min(int(top_k), len(s) - 1))
         column = s.column if column is None else int(column)
-        border, gap, head, foot = 4, 6, 30, 16
-        cell = tile + 2 * border
-        bands, annotations = [], []
-        for r, q in enumerate(queries):
-            ranking, V = s.ranking_of(q, k)
-            items = [(q, _QUERY_BORDER, "query")] + [
-                (item, self.colors[v], f"#{i + 1} V={v}") for i, (item, v) in enumerate(zip(ranking.tolist(), V.tolist()))
-            ]
-            row = image_grid([framed(self._tile_pixels(i, tile, c), _to_rgb(c), border) for i, c, _ in items],
-                             len(items), pad=gap)
-            bands += [blank_tile(head - gap, row.shape[1]), row, blank_tile(foot - gap, row.shape[1])]
-            y0 = r * (head + cell + foot) + head
-            m = s.per_query.loc[q]
-            annotations.append(dict(
-                x=gap, y=y0 - head / 2, xanchor="left", yanchor="middle", showarrow=False,
-                text=(f"<b>query {q}</b> ({html.escape(s.class_name(q, 0))}): H-AP {_fmt(m['H-AP'])}, "
-                      f"NDCG {_fmt(m['NDCG'])}, AP@{html.escape(s.level_names[column])} {_fmt(m[f'AP@{column}'])}"),
-                font=dict(size=12),
-            ))
-            annotations += [
-                dict(x=gap + j * (cell + gap) + cell / 2, y=y0 + cell + 8, showarrow=False, text=caption,
-                     font=dict(size=10), xanchor="center", yanchor="middle")
-                for j, (_, _, caption) in enumerate(items)
-            ]
-        canvas = np.concatenate(bands)
-        fig = px.imshow(canvas, binary_string=True)
-        for v in range(s.num_levels, -1, -1):  # legend entries for the frame colours
-            fig.add_trace(go.Scatter(
-                x=[None], y=[None], mode="markers", name=self.level_labels[v],
-                marker=dict(symbol="square", size=12, color=self.colors[v], line=dict(width=1, color="#444")),
-            ))
-        fig.update_xaxes(visible=False)
-        fig.update_yaxes(visible=False)
-        fig.update_layout(
-            annotations=annotations,
-            width=max(canvas.shape[1], 640),
-            height=canvas.shape[0] + 110,
-            margin=dict(l=0, r=0, t=40, b=60),
-            plot_bgcolor="white",
-            showlegend=True,
-            legend=dict(title="frame: shared levels", orientation="h", x=0, y=0, yanchor="top"),
-            title=f"top {k} retrieved items (AP at the {s.level_names[column]} level)",
-        )
-        return fig
+        return rankings_figure([(s, q, f"query {q}") for q in queries], k, column, self.thumbnails, tile)
 
     def ranks_figure(self, queries: Sequence[int] | None = None, length: int = 64, column: int | None = None):
         """The first ``length`` ranks of several queries as rows of squares coloured by v
@@ -353,3 +378,116 @@ class RankingExplorer:
             f"RankingExplorer({len(s)} items, {s.num_levels} levels, query {s.query}, "
             f"top {s.top_k}, AP at {s.level_names[s.column]})"
         )
+
+
+class ComparisonExplorer:
+    """The same query under several models side by side (e.g. HAPPIER and SupAP from the grid).
+
+    Args:
+        models: ``{name: EmbeddingSet}`` (:class:`hapkit.data.EmbeddingSet` of the same images) or
+            ``{name: RankingState}``.
+        images: thumbnails (default: the first embedding set's images).
+        results: optional ``{name: RetrievalResults}`` of those embeddings (computed otherwise).
+        top_k, column, list_size, thumb_size: as :class:`RankingExplorer`.
+
+    The query list orders the queries by how differently the first two models rank them
+    (:data:`~hapkit.viz.explorer_state.COMPARE_ORDERS`); every control acts on all the models.
+    The displayed state is ``comparison`` (a :class:`~hapkit.viz.explorer_state.ComparisonState`).
+    """
+
+    def __init__(self, models: dict, images=None, *, results: dict | None = None, top_k: int = 8, column: int = 0,
+                 list_size: int = 20, thumb_size: int = 56):
+        import ipywidgets as w
+
+        from hapkit.viz.explorer_state import COMPARE_ORDERS, ComparisonState
+
+        states, first_set = {}, None
+        for name, m in models.items():
+            if isinstance(m, RankingState):
+                states[name] = m
+                continue
+            first_set = first_set or m
+            states[name] = RankingState(m.embeddings, m.labels, level_names=m.level_names, class_names=m.class_names,
+                                        top_k=top_k, column=column, results=(results or {}).get(name))
+        self.comparison = cmp = ComparisonState(states, list_size=list_size)
+        if images is None and first_set is not None and first_set.dataset is not None:
+            images = embedding_images(first_set)
+        self.thumbnails = _Thumbnails(images, len(cmp), thumb_size)
+        L = cmp.first.num_levels
+        self.colors = level_colors(L)
+        self.level_labels = [level_label(v, L, cmp.first.level_names) for v in range(L + 1)]
+
+        self.query_slider = w.IntSlider(value=cmp.query, min=0, max=len(cmp) - 1, description="query",
+                                        continuous_update=False, layout=w.Layout(width="420px"))
+        self.prev_button = w.Button(description="◀", tooltip="previous query", layout=w.Layout(width="40px"))
+        self.next_button = w.Button(description="▶", tooltip="next query", layout=w.Layout(width="40px"))
+        self.order_dropdown = w.Dropdown(options=[(label, key) for key, label in COMPARE_ORDERS.items()],
+                                         value=cmp.order, description="list by", layout=w.Layout(width="420px"))
+        self.query_list = w.Select(options=[], rows=8, description="queries", layout=w.Layout(width="420px"))
+        self.column_toggle = w.ToggleButtons(options=[(n, c) for c, n in enumerate(cmp.first.level_names)],
+                                             value=cmp.column, description="AP level", style={"button_width": "auto"})
+        self.k_slider = w.IntSlider(value=cmp.top_k, min=1, max=min(50, len(cmp) - 1), description="top k",
+                                    continuous_update=False)
+        self.headers = {name: w.HTML() for name in cmp.names}
+        self.galleries = {name: w.HBox(layout=w.Layout(flex_flow="row wrap", align_items="flex-start"))
+                          for name in cmp.names}
+        left = w.VBox([w.HBox([self.query_slider, self.prev_button, self.next_button]), self.column_toggle,
+                       self.k_slider])
+        right = w.VBox([self.order_dropdown, self.query_list])
+        rows = [w.VBox([self.headers[n], self.galleries[n]]) for n in cmp.names]
+        self.widget = w.VBox([w.HBox([left, right]), w.HTML(_legend(self.level_labels, self.colors)), *rows])
+
+        self._syncing = False
+        self.query_slider.observe(lambda ch: self._act(cmp.show_query, ch["new"]), names="value")
+        self.query_list.observe(lambda ch: ch["new"] is not None and self._act(cmp.show_query, ch["new"]), names="value")
+        self.order_dropdown.observe(lambda ch: self._act(cmp.set_order, ch["new"]), names="value")
+        self.column_toggle.observe(lambda ch: self._act(cmp.set_column, ch["new"]), names="value")
+        self.k_slider.observe(lambda ch: self._act(cmp.set_top_k, ch["new"]), names="value")
+        self.prev_button.on_click(lambda _: self._act(cmp.step, -1))
+        self.next_button.on_click(lambda _: self._act(cmp.step, 1))
+        self._redraw()
+
+    def state(self) -> dict:
+        return self.comparison.snapshot()
+
+    def _act(self, change, value) -> None:
+        if self._syncing:
+            return
+        change(value)
+        self._redraw()
+
+    def _redraw(self) -> None:
+        cmp = self.comparison
+        gaps = cmp.gaps(cmp.listed) if cmp.listed else None
+        self._syncing = True
+        try:
+            self.query_slider.value = cmp.query
+            self.column_toggle.value = cmp.column
+            self.k_slider.value = cmp.top_k
+            self.query_list.options = [(f"{q:>5}  H-AP gap {gaps.at[q, 'H-AP gap']:+.2f}", q) for q in cmp.listed]
+            self.query_list.value = cmp.query if cmp.query in cmp.listed else None
+        finally:
+            self._syncing = False
+        for name, s in cmp.states.items():
+            m = s.query_metrics
+            self.headers[name].value = (
+                f"<div><b>{html.escape(name)}</b>: H-AP {_fmt(m.get('H-AP'))}, NDCG {_fmt(m.get('NDCG'))}, "
+                f"AP@{html.escape(s.level_names[s.column])} {_fmt(m.get(f'AP@{s.column}'))}</div>"
+            )
+            self.galleries[name].children = self.thumbnails.ranking_tiles(s, self.colors)
+
+    def figure(self, queries: Sequence[int] | None = None, top_k: int | None = None, tile: int = 48):
+        """A static figure: for each query, one row per model (:func:`rankings_figure`)."""
+        cmp = self.comparison
+        queries = cmp.listed[:2] if queries is None else [int(q) for q in queries]
+        k = cmp.top_k if top_k is None else int(top_k)
+        rows = [(s, q, f"{name}, query {q}") for q in queries for name, s in cmp.states.items()]
+        return rankings_figure(rows, k, cmp.column, self.thumbnails, tile,
+                               title=f"the same queries under {' and '.join(cmp.names)}")
+
+    def _repr_mimebundle_(self, **kwargs):
+        return self.widget._repr_mimebundle_(**kwargs)
+
+    def __repr__(self) -> str:
+        cmp = self.comparison
+        return f"ComparisonExplorer({' vs '.join(cmp.names)}, {len(cmp)} items, query {cmp.query})"

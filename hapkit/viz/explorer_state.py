@@ -22,7 +22,8 @@ import torch
 
 from hapkit.hierarchy import as_label_tensor, shared_levels
 
-__all__ = ["RankingState", "ORDERS", "rank_queries", "top_k_ranking"]
+__all__ = ["RankingState", "ComparisonState", "ORDERS", "COMPARE_ORDERS", "rank_queries", "rank_model_gaps",
+           "top_k_ranking"]
 
 # How the query list can be ordered: key -> label shown in the dropdown
 ORDERS: dict[str, str] = {
@@ -291,3 +292,133 @@ class RankingState:
             f"RankingState({len(self)} items, {self.num_levels} levels, query {self.query}, "
             f"top {self.top_k}, AP at {self.level_names[self.column]})"
         )
+
+
+# How a comparison lists its queries: key -> label shown in the dropdown. "first" / "second" are
+# the two models in the order given.
+COMPARE_ORDERS: dict[str, str] = {
+    "gap": "|H-AP(first) − H-AP(second)| (largest first)",
+    "first": "H-AP(first) − H-AP(second): the first model is better",
+    "second": "H-AP(second) − H-AP(first): the second model is better",
+    "gap-ap": "|AP(first) − AP(second)| at the chosen level",
+}
+
+
+def rank_model_gaps(per_query_a: pd.DataFrame, per_query_b: pd.DataFrame, column: int = 0, order: str = "gap",
+                    n: int | None = None) -> list[int]:
+    """Queries sorted by how differently two models rank them (see :data:`COMPARE_ORDERS`): the
+    gap of their H-AP (or of their AP at label column ``column``); undefined queries left out,
+    ties to the lower index."""
+    if order not in COMPARE_ORDERS:
+        raise ValueError(f"unknown order {order!r}; choose one of {list(COMPARE_ORDERS)}")
+    metric = f"AP@{column}" if order == "gap-ap" else "H-AP"
+    for frame in (per_query_a, per_query_b):
+        if metric not in frame:
+            raise ValueError(f"per_query has no column {metric!r}")
+    a = per_query_a[metric].to_numpy(dtype=np.float64)
+    b = per_query_b[metric].to_numpy(dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"the two models rank different queries ({a.shape[0]} and {b.shape[0]})")
+    key = {"gap": -np.abs(a - b), "gap-ap": -np.abs(a - b), "first": b - a, "second": a - b}[order]
+    idx = np.nonzero(np.isfinite(a) & np.isfinite(b))[0]
+    idx = idx[np.argsort(key[idx], kind="stable")]
+    out = per_query_a.index.to_numpy()[idx].astype(int).tolist()
+    return out if n is None else out[:n]
+
+
+class ComparisonState:
+    """The same queries under several models (e.g. HAPPIER and SupAP on the same test images).
+
+    ``states``: ``{model name: RankingState}`` over the same items (same labels). One query, one
+    label column and one k are shown for every model; the query list orders the queries by how
+    differently the first two models rank them (:func:`rank_model_gaps`).
+    """
+
+    def __init__(self, states: dict, list_size: int = 20, order: str = "gap"):
+        if len(states) < 2:
+            raise ValueError(f"a comparison needs at least two models, got {list(states)}")
+        self.states = dict(states)
+        first = next(iter(self.states.values()))
+        for name, s in self.states.items():
+            if not torch.equal(s.labels, first.labels):
+                raise ValueError(f"model {name!r} ranks other items than {next(iter(self.states))!r}: "
+                                 f"compare embeddings of the same images")
+        if order not in COMPARE_ORDERS:
+            raise ValueError(f"unknown order {order!r}; choose one of {list(COMPARE_ORDERS)}")
+        self.order = order
+        self.list_size = int(list_size)
+        self.listed: list[int] = []
+        self._refresh_list()
+        self.show_query(self.listed[0] if self.listed else first.query)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.states)
+
+    @property
+    def first(self) -> RankingState:
+        return next(iter(self.states.values()))
+
+    @property
+    def query(self) -> int:
+        return self.first.query
+
+    @property
+    def column(self) -> int:
+        return self.first.column
+
+    @property
+    def top_k(self) -> int:
+        return self.first.top_k
+
+    def __len__(self) -> int:
+        return len(self.first)
+
+    def show_query(self, query: int) -> None:
+        for s in self.states.values():
+            s.show_query(query)
+
+    def set_column(self, column: int) -> None:
+        for s in self.states.values():
+            s.set_column(column)
+        self._refresh_list()
+
+    def set_top_k(self, k: int) -> None:
+        for s in self.states.values():
+            s.set_top_k(k)
+
+    def set_order(self, order: str) -> None:
+        if order not in COMPARE_ORDERS:
+            raise ValueError(f"unknown order {order!r}; choose one of {list(COMPARE_ORDERS)}")
+        self.order = order
+        self._refresh_list()
+
+    def step(self, delta: int) -> None:
+        """As :meth:`RankingState.step`, over the comparison's query list."""
+        if self.query in self.listed:
+            target = self.listed[(self.listed.index(self.query) + delta) % len(self.listed)]
+        else:
+            target = (self.query + delta) % len(self)
+        self.show_query(target)
+
+    def _refresh_list(self) -> None:
+        a, b = list(self.states.values())[:2]
+        self.listed = rank_model_gaps(a.per_query, b.per_query, self.column, self.order, self.list_size)
+
+    def gaps(self, queries: Sequence[int] | None = None) -> pd.DataFrame:
+        """Per query, each model's H-AP and AP at the current column, and the first two models' gap."""
+        queries = self.listed if queries is None else [int(q) for q in queries]
+        rows = []
+        for q in queries:
+            row = {"query": q}
+            for name, s in self.states.items():
+                row[f"H-AP {name}"] = float(s.per_query.at[q, "H-AP"])
+                row[f"AP@{s.level_names[self.column]} {name}"] = float(s.per_query.at[q, f"AP@{self.column}"])
+            a, b = self.names[:2]
+            row["H-AP gap"] = row[f"H-AP {a}"] - row[f"H-AP {b}"]
+            rows.append(row)
+        return pd.DataFrame(rows).set_index("query")
+
+    def snapshot(self) -> dict:
+        return {"query": self.query, "column": self.column, "top_k": self.top_k, "listed": list(self.listed),
+                "models": {name: s.snapshot() for name, s in self.states.items()}}
