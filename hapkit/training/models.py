@@ -231,7 +231,7 @@ def freeze_batchnorm(module: nn.Module) -> None:
 
 
 class EmbeddingModel(nn.Module):
-    """backbone -> pooling -> [LayerNorm] -> Linear -> [L2 normalise].
+    """backbone -> pooling -> [LayerNorm] -> Linear -> [whitening] -> [L2 normalise].
 
     Parameters
     ----------
@@ -242,6 +242,9 @@ class EmbeddingModel(nn.Module):
     layer_norm : parameter-free LayerNorm on the pooled feature (HAPPIER, ROADMAP).
     normalize : L2-normalise the output (default True; the losses expect it).
     freeze_bn : keep batch-norm statistics frozen during training (default for pretrained models).
+
+    ``whitening`` is the identity unless a learned PCA-whitening is attached after training
+    (:func:`hapkit.training.whitening.attach_whitening`, landmark retrieval).
     """
 
     def __init__(
@@ -260,6 +263,7 @@ class EmbeddingModel(nn.Module):
         self.pool = nn.Identity() if pooling == "default" else build_pooling(pooling, gem_p)
         self.norm = nn.LayerNorm(feature_dim, elementwise_affine=False) if layer_norm else nn.Identity()
         self.head = nn.Linear(feature_dim, embedding_size)
+        self.whitening = nn.Identity()
         self.normalize = normalize
         self.freeze_bn = freeze_bn
         self.embedding_size = embedding_size
@@ -277,7 +281,7 @@ class EmbeddingModel(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.norm(self.features(images))
-        x = self.head(x)
+        x = self.whitening(self.head(x))
         if self.normalize:
             # float32: the losses compare similarities at the 1e-2 scale of their temperature
             x = F.normalize(x.float(), dim=-1)
