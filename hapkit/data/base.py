@@ -267,6 +267,12 @@ class EvalSet:
     - ``gallery_contains_queries``: the gallery also holds the query images (DyML's benchmark
       galleries do); the reference evaluation drops each query's top-ranked gallery item, taken
       to be the query itself.
+    - ``gnd`` given: a landmark benchmark with per-query ground truth (revisited Oxford / Paris).
+      ``query`` holds the query images cropped to their box, ``gallery`` the database in the
+      ground truth's order, and ``gnd`` one dict per query with the gallery index lists
+      ``easy``, ``hard`` and ``junk``; evaluate it with :func:`hapkit.evaluate.evaluate_revisited`
+      (the labels are not used). ``distractors`` (optional): images related to no query that
+      only extend the gallery (the R1M distractors).
     """
 
     name: str
@@ -274,6 +280,8 @@ class EvalSet:
     gallery: HierarchicalDataset | None = None
     column: int | None = None
     gallery_contains_queries: bool = False
+    gnd: list[dict] | None = None
+    distractors: HierarchicalDataset | None = None
 
     @property
     def label_column(self) -> int | None:
