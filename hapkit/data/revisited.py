@@ -35,7 +35,10 @@ from hapkit.data.base import (
     require_file,
 )
 
-__all__ = ["load", "eval_sets", "landmark_benchmarks", "read_gnd", "read_distractor_list", "CroppedImageFileDataset", "CITIES", "DISTRACTORS"]
+__all__ = [
+    "load", "eval_sets", "landmark_benchmarks", "read_gnd", "read_distractor_list", "image_file",
+    "CroppedImageFileDataset", "CITIES", "DISTRACTORS",
+]
 
 CITIES = {"roxford5k": "Revisited Oxford (ROxford5k)", "rparis6k": "Revisited Paris (RParis6k)"}
 DISTRACTORS = "revisitop1m"
@@ -111,7 +114,8 @@ def read_distractor_list(path) -> list[str]:
     return entries
 
 
-def _image_path(base: Path, entry: str) -> str:
+def image_file(base: Path, entry: str) -> str:
+    """Path of an image of ``imlist`` / ``qimlist`` / ``revisitop1m.txt`` under the dataset folder."""
     # revisitop appends '.jpg' to Oxford / Paris names; R1M entries carry their own extension
     # (the MATLAB code appends one only when missing)
     return str(base / "jpg" / (entry if Path(entry).suffix else entry + ".jpg"))
@@ -136,8 +140,8 @@ def _load_city(root, city: str, transform):
     names = gt["qimlist"] + gt["imlist"]
     labels, class_names = reindex_levels(np.array([_landmark(n) for n in names])[:, None], [None])
     nq = len(gt["qimlist"])
-    q_paths = [_image_path(base, n) for n in gt["qimlist"]]
-    g_paths = [_image_path(base, n) for n in gt["imlist"]]
+    q_paths = [image_file(base, n) for n in gt["qimlist"]]
+    g_paths = [image_file(base, n) for n in gt["imlist"]]
     check_images_exist(q_paths + g_paths, city, CITIES[city], where)
     common = dict(name=city, level_names=LEVEL_NAMES, class_names=class_names, transform=transform)
     query = CroppedImageFileDataset(q_paths, [g["bbx"] for g in gt["gnd"]], labels[:nq], split="query", **common)
@@ -149,7 +153,7 @@ def _load_distractors(root, transform) -> ImageFileDataset:
     base = locate(root, DISTRACTORS, DISTRACTORS_TITLE, [f"{DISTRACTORS}.txt"], [DISTRACTORS])
     where = root if root is not None else base.parent
     entries = read_distractor_list(base / f"{DISTRACTORS}.txt")
-    paths = [_image_path(base, e) for e in entries]
+    paths = [image_file(base, e) for e in entries]
     check_images_exist(paths, DISTRACTORS, DISTRACTORS_TITLE, where)
     return ImageFileDataset(
         paths, np.zeros((len(paths), 1), dtype=np.int64), name=DISTRACTORS, split="distractors",
