@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from hapkit.data import AnnotationError, DatasetNotFoundError, EvalSet, get_dataset, get_eval_sets
-from hapkit.data.revisited import read_gnd
+from hapkit.data.revisited import benchmark_from_labels, read_gnd
 from hapkit.evaluate import evaluate_revisited
 
 IMLIST = ["all_souls_000001", "all_souls_000002", "ashmolean_000003", "balliol_000004", "radcliffe_camera_000005",
@@ -128,3 +128,27 @@ def test_a_truncated_pickle_is_a_clear_error(tmp_path):
     path.write_bytes(path.read_bytes()[:40])
     with pytest.raises(AnnotationError, match="not a readable ground-truth pickle"):
         read_gnd(path)
+
+
+def test_benchmark_from_labels_makes_a_revisited_ground_truth():
+    from hapkit.data import InMemoryImageDataset
+
+    # variant, shape, family: 2 images per variant, 2 variants per shape, 2 shapes per family
+    labels = np.array([[v, v // 2, v // 4] for v in range(8) for _ in range(2)])
+    ds = InMemoryImageDataset(np.zeros((16, 2, 2, 3), np.uint8), labels, name="t", split="test",
+                              level_names=["variant", "shape", "family"])
+    s = benchmark_from_labels(ds, num_queries=3, seed=1)
+    q, g = s.query.labels, s.gallery.labels
+    assert len(s.query) == 3 and len(s.gallery) == 13 and len(set(q[:, 0])) == 3  # queries left out
+    for i, entry in enumerate(s.gnd):
+        status = {j: name for name in ("easy", "hard", "junk") for j in entry[name]}
+        for j, row in enumerate(g):
+            shared = (row == q[i]).tolist()
+            expected = "easy" if shared[0] else "hard" if shared[1] else "junk" if shared[2] else None
+            assert status.get(j) == expected
+    res = evaluate_revisited(torch.randn(3, 4), torch.randn(13, 4), s.gnd, progress=False)
+    assert res.num_queries == 3
+    small = benchmark_from_labels(ds, num_queries=2, gallery_size=6)
+    assert len(small.gallery) == 6
+    with pytest.raises(ValueError, match="between 1 and the 8 fine classes"):
+        benchmark_from_labels(ds, num_queries=9)

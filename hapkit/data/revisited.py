@@ -23,6 +23,7 @@ import pickle
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from hapkit.data.base import (
     AnnotationError,
@@ -33,11 +34,12 @@ from hapkit.data.base import (
     locate,
     reindex_levels,
     require_file,
+    spread_indices,
 )
 
 __all__ = [
-    "load", "eval_sets", "landmark_benchmarks", "read_gnd", "read_distractor_list", "image_file",
-    "CroppedImageFileDataset", "CITIES", "DISTRACTORS",
+    "load", "eval_sets", "landmark_benchmarks", "benchmark_from_labels", "read_gnd", "read_distractor_list",
+    "image_file", "CroppedImageFileDataset", "CITIES", "DISTRACTORS",
 ]
 
 CITIES = {"roxford5k": "Revisited Oxford (ROxford5k)", "rparis6k": "Revisited Paris (RParis6k)"}
@@ -199,3 +201,46 @@ def landmark_benchmarks(root=None, transform=None, distractors: bool = False) ->
         if not all((parent / city / f"gnd_{city}.pkl").is_file() for city in CITIES):
             raise
         return [s for city in CITIES for s in eval_sets(parent, transform, city, distractors)]
+
+
+def benchmark_from_labels(dataset, num_queries: int = 16, gallery_size: int | None = None, seed: int = 0,
+                          name: str = "toy") -> EvalSet:
+    """A benchmark in the revisited format made from a dataset with (at least 2-level) tree labels,
+    to try the protocol without the real images: ``num_queries`` queries of distinct fine
+    classes, the other images (``gallery_size`` of them, evenly spread; None: all) as gallery,
+    and for each query the statuses
+
+    - easy: same fine class (column 0), e.g. the same variant of a generated shape;
+    - hard: same class in column 1 only (the same shape in another colour: the same landmark
+      seen at night, say);
+    - junk: same class in column 2 only, when there is a column 2 (an ambiguous image);
+    - negative: the rest.
+
+    As in the real benchmarks, the queries are not in the gallery.
+    """
+    labels = np.asarray(dataset.labels)
+    labels = labels[:, None] if labels.ndim == 1 else labels
+    if labels.shape[1] < 2:
+        raise ValueError("benchmark_from_labels needs labels with at least 2 levels (easy: column 0, hard: column 1)")
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels[:, 0])
+    if not 1 <= num_queries <= len(classes):
+        raise ValueError(f"num_queries must be between 1 and the {len(classes)} fine classes, got {num_queries}")
+    picked = rng.choice(classes, num_queries, replace=False)
+    q_idx = np.array([rng.choice(np.flatnonzero(labels[:, 0] == c)) for c in picked])
+    rest = np.setdiff1d(np.arange(len(labels)), q_idx)
+    g_idx = rest[spread_indices(len(rest), gallery_size)]
+    gl = labels[g_idx]
+    gnd = []
+    for q in q_idx:
+        same = gl == labels[q]
+        junk = same[:, 2] & ~same[:, 1] if labels.shape[1] > 2 else np.zeros(len(gl), bool)
+        gnd.append({"easy": np.flatnonzero(same[:, 0]).tolist(), "hard": np.flatnonzero(same[:, 1] & ~same[:, 0]).tolist(),
+                    "junk": np.flatnonzero(junk).tolist()})
+
+    def subset(idx):
+        sub = torch.utils.data.Subset(dataset, idx.tolist())
+        sub.labels = labels[idx]
+        return sub
+
+    return EvalSet(name, subset(q_idx), subset(g_idx), gnd=gnd)
