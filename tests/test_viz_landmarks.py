@@ -24,6 +24,7 @@ def test_ranking_figure_marks_the_removed_images(protocol, removed):
     assert drawn == {i + 1: (s, s in removed) for i, s in enumerate(RANKING)}
     ap = revisited_ranking_metrics(RANKING)[f"AP@{protocol}"]
     assert f"AP {ap:.3f}" in fig.data[0].y[0]
+    assert revisited_ranking_figure({"top 5": RANKING}, protocol, show_ap=False).data[0].y[0] == "top 5"
 
 
 def test_per_query_figure_has_one_bar_group_per_protocol():

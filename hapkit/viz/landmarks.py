@@ -15,10 +15,11 @@ _IGNORED = {"easy": {"junk", "hard"}, "medium": {"junk"}, "hard": {"junk", "easy
 
 
 def revisited_ranking_figure(rankings: Mapping[str, Sequence[str]] | Sequence[str], protocol: str = "medium",
-                             title: str | None = None) -> go.Figure:
+                             title: str | None = None, show_ap: bool = True) -> go.Figure:
     """Rankings drawn as rows of squares (rank 1 on the left), coloured by status; the images the
-    protocol removes are hollow. Each row's name shows its trapezoidal and standard AP under
-    ``protocol`` (:func:`hapkit.evaluate.revisited_ranking_metrics`)."""
+    protocol removes are hollow. With ``show_ap`` each row's name shows its trapezoidal and
+    standard AP under ``protocol`` (:func:`hapkit.evaluate.revisited_ranking_metrics`); turn it off
+    for the top of a longer ranking, whose AP the drawn part does not give."""
     from hapkit.evaluate import revisited_ranking_metrics
 
     if protocol not in _POSITIVE:
@@ -27,6 +28,9 @@ def revisited_ranking_figure(rankings: Mapping[str, Sequence[str]] | Sequence[st
         rankings = {"ranking": list(rankings)}
     rows = []
     for name, ranking in rankings.items():
+        if not show_ap:
+            rows.append(name)
+            continue
         trap = revisited_ranking_metrics(ranking, ks=(1,))[f"AP@{protocol}"]
         std = revisited_ranking_metrics(ranking, ks=(1,), ap="standard")[f"AP@{protocol}"]
         rows.append(f"{name}<br>AP {trap:.3f} (standard {std:.3f})")
