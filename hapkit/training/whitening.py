@@ -116,14 +116,23 @@ def fit_pca_whitening(features, power: float = REVAUD_POWER, dim: int | None = N
     return module
 
 
+def _unwhitened_size(model: nn.Module) -> int:
+    """Dimension of the model's embeddings before its whitening (the head's output)."""
+    if not hasattr(model, "whitening") or not hasattr(model, "embedding_size"):
+        raise TypeError(f"{type(model).__name__} has no whitening slot; use hapkit.training.models.EmbeddingModel")
+    current = model.whitening
+    return current.in_dim if isinstance(current, PCAWhitening) else int(model.embedding_size)
+
+
 def attach_whitening(model: nn.Module, whitening: PCAWhitening) -> nn.Module:
     """Put ``whitening`` in ``model`` (an :class:`~hapkit.training.models.EmbeddingModel`), applied
-    to the head's output before the final L2 normalisation; it is then part of the state dict."""
-    if not hasattr(model, "whitening") or not hasattr(model, "head"):
-        raise TypeError(f"{type(model).__name__} has no whitening slot; use hapkit.training.models.EmbeddingModel")
-    if whitening.in_dim != model.head.out_features:
-        raise ValueError(f"the whitening takes {whitening.in_dim}-d inputs but the model's head gives {model.head.out_features}")
-    model.whitening = whitening.to(model.head.weight.device)
+    to the head's output before the final L2 normalisation, in place of any previous one; it is
+    then part of the state dict."""
+    size = _unwhitened_size(model)
+    if whitening.in_dim != size:
+        raise ValueError(f"the whitening takes {whitening.in_dim}-d inputs but the model's head gives {size}")
+    device = next((p.device for p in model.parameters()), whitening.mean.device)
+    model.whitening = whitening.to(device)
     model.embedding_size = whitening.out_dim
     return model
 
@@ -144,11 +153,8 @@ def learn_whitening(model: nn.Module, loader, power: float = REVAUD_POWER, dim: 
     those embeddings and attach it to the model (replacing any previous one); return it."""
     from hapkit.evaluate import extract_embeddings
 
-    previous = getattr(model, "whitening", None)
-    if previous is None:
-        raise TypeError(f"{type(model).__name__} has no whitening slot; use hapkit.training.models.EmbeddingModel")
-    size = model.embedding_size
-    model.whitening, model.embedding_size = nn.Identity(), model.head.out_features
+    previous, size = getattr(model, "whitening", None), model.embedding_size
+    model.whitening, model.embedding_size = nn.Identity(), _unwhitened_size(model)
     try:
         embeddings, _ = extract_embeddings(model, loader, device=device, progress=progress)
     except BaseException:
