@@ -60,14 +60,11 @@ class SyntheticImages(torch.utils.data.Dataset):
 
 def make_dataset(cfg, synthetic: bool, synthetic_images: int = 8192):
     if synthetic:
-        size = cfg.data.crop or (224 if cfg.data.transform == "imagenet" else 32)
+        size = cfg.data.train_transform.crop
         return SyntheticImages(n=synthetic_images, size=size, fine_classes=max(64, synthetic_images // 16))
-    from hapkit.data import get_dataset
-    from hapkit.data.transforms import build_transforms
+    from hapkit.data import build_train_set
 
-    d = cfg.data
-    transform = build_transforms(d.transform, train=True, resize=d.resize, crop=d.crop)
-    return get_dataset(d.dataset, root=d.root, split="train", transform=transform)
+    return build_train_set(cfg.data)
 
 
 class StepTimer(Callback):

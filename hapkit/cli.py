@@ -118,7 +118,9 @@ def _add_recipes(sub) -> None:
     )
     p.add_argument("--method", default=None, help="only recipes of this method")
     p.add_argument("--dataset", default=None, help="only recipes for this dataset")
-    p.add_argument("--show", default=None, metavar="NAME", help="print one recipe, fully resolved, as YAML")
+    p.add_argument("--show", default=None, metavar="NAME",
+                   help="print one recipe, fully resolved (every field, its parameter groups and transforms), as YAML")
+    p.add_argument("--json", action="store_true", help="with --show: print JSON instead of YAML")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,6 +204,7 @@ def _cmd_evaluate(args) -> int:
             model, build_eval_sets(cfg.data), batch_size=cfg.data.eval_batch_size, num_workers=cfg.data.num_workers,
             device=device, amp=resolve_amp(cfg.train.amp, device) is not None,
             metrics=cfg.eval.metrics, max_items=cfg.eval.max_items, progress=not args.no_progress,
+            columns=cfg.eval.columns, ks=cfg.eval.ks, overall=cfg.eval.overall,
         )
     _print_metrics(metrics)
     if args.json:
@@ -218,10 +221,14 @@ def _cmd_reproduce(args) -> int:
         out=args.out, jobs=args.jobs, epochs=args.epochs, overrides=args.overrides, force=args.force,
         notebook=args.notebook, timeout=args.timeout,
     )
-    if args.notebooks:
-        summary = reproduce.reproduce_all(**kwargs)
-    else:
-        summary = reproduce.run_grid(**kwargs)
+    try:
+        if args.notebooks:
+            summary = reproduce.reproduce_all(**kwargs)
+        else:
+            summary = reproduce.run_grid(**kwargs)
+    except reproduce.DataNotPrepared as e:
+        print(f"hapkit reproduce: {e}", file=sys.stderr)
+        return 2
     print(format_markdown(summary))
     print(f"\nwritten: {Path(args.out) / 'summary.csv'} and {Path(args.out) / 'summary.md'}")
     return 0
@@ -242,11 +249,11 @@ def _cmd_prepare(args) -> int:
 def _cmd_recipes(args) -> int:
     import yaml
 
-    from hapkit.training.config import to_dict
-    from hapkit.training.recipes import list_recipes, load_recipe, read_recipe_dict
+    from hapkit.training.recipes import list_recipes, load_recipe, read_recipe_dict, resolved_recipe
 
     if args.show:
-        print(yaml.safe_dump(to_dict(load_recipe(args.show)), sort_keys=False), end="")
+        shown = resolved_recipe(load_recipe(args.show))
+        print(json.dumps(shown, indent=2) if args.json else yaml.safe_dump(shown, sort_keys=False), end="\n" if args.json else "")
         return 0
     rows = []
     for name in list_recipes():
@@ -279,11 +286,12 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    from hapkit.training.checkpoint import CheckpointError
     from hapkit.training.config import ConfigError
 
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, CheckpointError) as e:
         # bad recipe values, missing datasets or checkpoints: the message says what to do
         print(f"hapkit {args.command}: error: {e}", file=sys.stderr)
         return 2

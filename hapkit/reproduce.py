@@ -34,6 +34,8 @@ __all__ = [
     "DEFAULT_DATASETS",
     "TRAINING_NOTEBOOK",
     "RunSpec",
+    "DataNotPrepared",
+    "check_datasets",
     "find_notebook",
     "plan_grid",
     "run_grid",
@@ -78,6 +80,30 @@ class RunSpec:
     @property
     def complete(self) -> bool:
         return (self.run_dir / METRICS_FILE).is_file()
+
+
+class DataNotPrepared(RuntimeError):
+    """Datasets of a grid that are not prepared; the message gives the command for each."""
+
+
+def check_datasets(datasets, data_root=None) -> None:
+    """Raise :class:`DataNotPrepared`, listing the ``hapkit prepare-data`` command of every real
+    dataset of the grid that cannot be loaded from ``data_root``."""
+    from hapkit.data import DataError, get_dataset
+
+    missing = []
+    for name in dict.fromkeys(datasets):
+        if name == "generated":
+            continue
+        try:
+            get_dataset(name, root=data_root, split="train")
+        except DataError as e:
+            missing.append(f"  {name}: {e}")
+    if missing:
+        raise DataNotPrepared(
+            "the grid needs datasets that are not prepared:\n" + "\n".join(missing)
+            + "\nPrepare them (see data_scripts/README.md), then pass the folder that holds them with --data-root."
+        )
 
 
 def plan_grid(methods=None, datasets=None, seeds=1, out="results", data_root=None, epochs=None,
@@ -171,6 +197,7 @@ def run_grid(methods=None, datasets=None, seeds=1, data_root=None, out="results"
     """
     notebook = Path(notebook) if notebook else find_notebook()
     specs = plan_grid(methods, datasets, seeds, out, data_root, epochs, overrides)
+    check_datasets([s.dataset for s in specs], data_root)
     todo = [s for s in specs if force or not s.complete]
     if force:
         for s in todo:

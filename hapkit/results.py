@@ -40,6 +40,7 @@ __all__ = [
     "headline_metrics",
     "collect_runs",
     "summarize",
+    "published_table",
     "format_markdown",
     "write_summary",
 ]
@@ -258,9 +259,29 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
         names = next((n for n in group["level_names"] if isinstance(n, list)), None)
         row["levels"] = " / ".join(names) if names else ""
         reported = next((r for r in group["reported"] if r), {})
-        row["paper"] = ", ".join(f"{k.replace('@0', '') if k.startswith('R@') else k} {v:g}" for k, v in reported.items())
+        row["paper"] = ", ".join(f"{k} {v:g}" for k, v in reported.items())
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def published_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Every published number of the runs' recipes beside the value measured under the same
+    summary key (the recipe's ``reported`` keys, e.g. ``test/R@1@0`` or ``overall/AP@0``), in %:
+    columns method, dataset, metric, paper, measured (mean over seeds), std, seeds."""
+    rows = []
+    if runs.empty or "reported" not in runs:
+        return pd.DataFrame(columns=["method", "dataset", "metric", "paper", "measured", "std", "seeds"])
+    for (method, dataset), group in runs.groupby(["method", "dataset"], sort=False):
+        reported = next((r for r in group["reported"] if r), {})
+        for key, paper in reported.items():
+            column = f"metric:{key}"
+            values = 100.0 * group[column].astype(float).dropna() if column in group else pd.Series(dtype=float)
+            rows.append({
+                "method": method, "dataset": dataset, "metric": key, "paper": float(paper),
+                "measured": values.mean() if len(values) else np.nan,
+                "std": values.std(ddof=1) if len(values) > 1 else np.nan, "seeds": len(values),
+            })
+    return pd.DataFrame(rows, columns=["method", "dataset", "metric", "paper", "measured", "std", "seeds"])
 
 
 def _cell(mean, std) -> str:
@@ -271,9 +292,10 @@ def _cell(mean, std) -> str:
     return f"{mean:.2f} ± {std:.2f}"
 
 
-def format_markdown(summary: pd.DataFrame) -> str:
+def format_markdown(summary: pd.DataFrame, published: pd.DataFrame | None = None) -> str:
     """The summary as a Markdown table (pandas ``to_markdown``): mean ± std (%) per metric,
-    published numbers last, then notes on the level names."""
+    published numbers last, then notes on the level names; with ``published``
+    (:func:`published_table`), a second table of each published number beside its measurement."""
     if summary.empty:
         return "(no complete run)"
     metrics = _metric_columns(summary)
@@ -290,6 +312,14 @@ def format_markdown(summary: pd.DataFrame) -> str:
               "(0 = finest); H-AP, ASI, NDCG: hierarchical metrics over all levels."]
     levels = {r["dataset"]: r["levels"] for _, r in summary.iterrows() if r.get("levels")}
     lines += [f"Levels of {d}: {lv}." for d, lv in levels.items()]
+    if published is not None and not published.empty:
+        table = published.assign(
+            paper=published["paper"].map(lambda v: f"{v:.1f}"),
+            measured=[_cell(m, s) for m, s in zip(published["measured"], published["std"])],
+        )[["method", "dataset", "metric", "paper", "measured", "seeds"]]
+        lines += ["", "Published numbers beside the measured ones (same summary key, %):", "",
+                  table.to_markdown(index=False, colalign=("left", "left", "left", "right", "right", "right"),
+                                    disable_numparse=True)]
     return "\n".join(lines)
 
 
@@ -302,4 +332,6 @@ def write_summary(out, runs: pd.DataFrame, summary: pd.DataFrame) -> None:
         flat["level_names"] = [" / ".join(n) if isinstance(n, list) else "" for n in flat["level_names"]]
     flat.to_csv(out / "runs.csv", index=False)
     summary.to_csv(out / "summary.csv", index=False)
-    (out / "summary.md").write_text("# hapkit reproduction\n\n" + format_markdown(summary) + "\n")
+    published = published_table(runs)
+    published.to_csv(out / "published.csv", index=False)
+    (out / "summary.md").write_text("# hapkit reproduction\n\n" + format_markdown(summary, published) + "\n")

@@ -28,21 +28,76 @@ def check_m_per_class(batches, labels, batch_size, m):
         assert set(counts.values()) == {m} and len(counts) == batch_size // m
 
 
-def test_m_per_class_batches_are_k_classes_of_m_without_repeats():
+@pytest.mark.parametrize("fill, expected", [("packed", 30 * 2 * 4 // 16), ("passes", 7 * 2)])
+def test_m_per_class_batches_are_k_classes_of_m_without_repeats(fill, expected):
     lab = tree_labels(images=9)  # 9 images: 2 groups of 4 per class, 1 image left out each epoch
-    s = MPerClassBatchSampler(lab, batch_size=16, m=4, seed=3)
+    s = MPerClassBatchSampler(lab, batch_size=16, m=4, seed=3, fill=fill)
     batches = list(s)
     check_m_per_class(batches, lab[:, 0], 16, 4)
     flat = [i for b in batches for i in b]
     assert len(flat) == len(set(flat))  # each image at most once per epoch
-    assert len(batches) == s.batches_per_epoch == 30 * 2 * 4 // 16
+    # passes: 4 classes at a time until they run out (2 passes each); the last 2 of 30 classes
+    # never fill a batch of 4 classes
+    assert len(batches) == s.batches_per_epoch == expected
+
+
+class _Identity:
+    """A stand-in generator: no shuffling, so the epoch can be checked against a transcription."""
+
+    def permutation(self, n):
+        return np.arange(n) if isinstance(n, int) else np.asarray(n)
+
+
+def reference_passes(class_images, batch_size, m):
+    """The reference samplers' epoch (Smooth-AP / ROADMAP / HAPPIER), transcribed as a loop:
+    each pass over the classes takes m images from every class that has m left while the batch
+    is not full; an incomplete pass ends the epoch."""
+    pools = [list(c) for c in class_images]
+    out = []
+    while True:
+        batch = []
+        for pool in pools:
+            if len(pool) >= m and len(batch) < batch_size // m:
+                batch.append(pool[:m])
+                del pool[:m]
+        if len(batch) < batch_size // m:
+            return out
+        out.append([i for group in batch for i in group])
+
+
+def test_m_per_class_passes_is_the_reference_epoch():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        sizes = rng.integers(4, 30, size=rng.integers(4, 12))
+        lab = np.repeat(np.arange(len(sizes)), sizes)
+        m, k = 4, int(rng.integers(2, 4))
+        s = MPerClassBatchSampler(lab, batch_size=m * k, m=m, fill="passes")
+        members = [np.nonzero(lab == c)[0] for c in range(len(sizes))]
+        got = [b.tolist() for b in s._passes(members, _Identity())]
+        assert got == reference_passes(members, m * k, m)
+    # an unbalanced set: depending on the class order, passes leave groups the packed epoch uses
+    lab = np.array([0] * 40 + [1] * 4 + [2] * 4 + [3] * 4)
+    passes = {len(MPerClassBatchSampler(lab, 8, 4, seed=seed, fill="passes")) for seed in range(20)}
+    assert passes == {2, 3} and len(MPerClassBatchSampler(lab, 8, 4, fill="packed")) == 3
+
+
+def test_m_per_class_max_per_class_caps_the_images_of_a_class():
+    lab = np.repeat(np.arange(12), 20)  # 12 classes of 20 images
+    s = MPerClassBatchSampler(lab, batch_size=16, m=4, max_per_class=8, seed=1)
+    batches = list(s)
+    assert max(Counter(lab[[i for b in batches for i in b]].tolist()).values()) <= 8
+    assert len(batches) == 12 * 2 // 4  # two groups of each class, 4 classes per batch
+    with pytest.raises(ValueError, match="below m"):
+        MPerClassBatchSampler(lab, batch_size=16, m=4, max_per_class=3)
+    with pytest.raises(ValueError, match="fill"):
+        MPerClassBatchSampler(lab, batch_size=16, m=4, fill="all")
 
 
 def test_m_per_class_uses_the_largest_possible_number_of_batches():
     # one big class (40 images = 10 groups) and three of 4 images, 2 classes per batch: a class
     # appears at most once per batch, so only 3 batches exist, each with the big class
     lab = np.array([0] * 40 + [1] * 4 + [2] * 4 + [3] * 4)
-    batches = list(MPerClassBatchSampler(lab, batch_size=8, m=4))
+    batches = list(MPerClassBatchSampler(lab, batch_size=8, m=4, fill="packed"))
     assert len(batches) == 3
     assert all(Counter(lab[b].tolist())[0] == 4 for b in batches)
     # brute force on random class sizes: no larger number of batches is feasible
@@ -53,7 +108,7 @@ def test_m_per_class_uses_the_largest_possible_number_of_batches():
         m, k = 4, int(rng.integers(2, 4))
         groups = sizes // m
         best = max(b for b in range(0, groups.sum() // k + 1) if np.minimum(groups, b).sum() >= b * k)
-        batches = list(MPerClassBatchSampler(lab, batch_size=m * k, m=m, seed=int(rng.integers(100))))
+        batches = list(MPerClassBatchSampler(lab, batch_size=m * k, m=m, seed=int(rng.integers(100)), fill="packed"))
         assert len(batches) == best
         check_m_per_class(batches, lab, m * k, m)
         assert len({i for b in batches for i in b}) == len(batches) * m * k

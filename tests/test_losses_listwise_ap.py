@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hapkit.losses import ListwiseAP, multistage_backward
+from hapkit.losses import ListwiseAP, TieAwareListwiseAP, multistage_backward
 from hapkit.metrics import average_precision
 from hapkit.losses.base import NoPositiveError
 
@@ -252,3 +252,88 @@ def test_multistage_scaler_and_errors():
         multistage_backward(model, images, labels, loss_fn, sub_batch_size=0)
     with pytest.raises(ValueError, match="scalar"):
         multistage_backward(model, images, labels, lambda e, lab: e.sum(1), sub_batch_size=4)
+
+
+# ------------------------------------------------------------------ naver's APLoss / TAPLoss
+
+
+def naver_quantize(x, nq=25, lo=0.0, hi=1.0):
+    """naver/deep-image-retrieval's quantiser written out: for bin k the two lines through
+    (centre_k, 1) of slopes -a and +a, their minimum clamped at 0; the first and last bins are
+    one-sided (a constant 1 on their outer side). Returns (N, nq, M)."""
+    a = (nq - 1) / (hi - lo)
+    k = torch.arange(nq, dtype=x.dtype).view(1, nq, 1)
+    down = -a * x.unsqueeze(1) + (a * lo + (nq - k))  # 1 - a (x - c_k)
+    up = a * x.unsqueeze(1) + ((2 - nq + k) - a * lo)  # 1 + a (x - c_k)
+    down[:, 0] = 1.0
+    up[:, nq - 1] = 1.0
+    return torch.minimum(down, up).clamp(min=0)
+
+
+def naver_ap(x, label, tie_aware=None):
+    q = naver_quantize(x)
+    c = q.sum(-1)
+    cp = (q * label.unsqueeze(1)).sum(-1)
+    if tie_aware is None:
+        prec = cp.cumsum(-1) / (1e-16 + c.cumsum(-1))
+        return (prec * cp / cp.sum(-1, keepdim=True)).sum(-1)
+    C, Cp = c.cumsum(-1), cp.cumsum(-1)
+    C1 = torch.cat([torch.zeros(len(x), 1, dtype=x.dtype), C[:, :-1]], 1)
+    Cp1 = torch.cat([torch.zeros(len(x), 1, dtype=x.dtype), Cp[:, :-1]], 1)
+    Np = label.sum(-1, keepdim=True)
+    if tie_aware == "simplified":
+        return (cp * (Cp1 + Cp + 1) / (C1 + C + 1) / Np).sum(-1)
+    ratio = (cp - 1).clamp(min=0) / ((c - 1).clamp(min=0) + 1e-8)
+    return (cp * (c * ratio + (Cp1 + 1 - ratio * (C1 + 1)) * torch.log((C + 1) / (C1 + 1))) / (c + 1e-8) / Np).sum(-1)
+
+
+def test_binned_ap_reproduces_navers_values():
+    x = torch.tensor([[0.9, 0.5, 0.1], [0.9, 0.9, 0.1]])
+    pos = torch.tensor([[True, False, True]] * 2)
+    ap = ListwiseAP().ap_from_scores(x, pos)
+    tap = TieAwareListwiseAP().ap_from_scores(x, pos)
+    taps = TieAwareListwiseAP(simplified=True).ap_from_scores(x, pos)
+    # values of naver's APLoss / TAPLoss(simplified=False / True) on these lists (25 bins, [0, 1])
+    torch.testing.assert_close(ap, torch.tensor([0.81667, 0.56667]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(tap, torch.tensor([0.73370, 0.64136]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(taps, torch.tensor([0.83218, 0.67417]), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("tie_aware", [None, "full", "simplified"])
+def test_binned_ap_equals_navers_quantiser_on_random_lists(tie_aware):
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 40, generator=g, dtype=torch.float64) * 1.4 - 0.2  # beyond [0, 1] too
+    label = torch.rand(6, 40, generator=g) < 0.3
+    label[:, 0] = True
+    loss = ListwiseAP() if tie_aware is None else TieAwareListwiseAP(simplified=tie_aware == "simplified")
+    got = loss.ap_from_scores(x, label)
+    torch.testing.assert_close(got, naver_ap(x, label.to(x.dtype), tie_aware), rtol=1e-6, atol=1e-7)
+
+
+def test_revaud_preset_leaves_the_query_out_of_its_list():
+    e = torch.nn.functional.normalize(torch.randn(12, 6, generator=torch.Generator().manual_seed(3)), dim=1)
+    labels = torch.arange(12) % 3
+    revaud = ListwiseAP.from_preset("revaud")
+    assert (revaud.num_bins, revaud.sim_range, revaud.exclude_self) == (25, (0.0, 1.0), True)
+    ap, n_pos = revaud.per_query(e, labels)
+    s = e @ e.T
+    keep = ~torch.eye(12, dtype=torch.bool)
+    lists = s[keep].view(12, 11)
+    pos = (labels[:, None] == labels[None, :])[keep].view(12, 11)
+    torch.testing.assert_close(ap, naver_ap(lists.double(), pos.double()).float(), atol=1e-6, rtol=1e-5)
+    assert n_pos.tolist() == [3] * 12
+    tap = TieAwareListwiseAP.from_preset("revaud")
+    assert isinstance(tap, TieAwareListwiseAP) and tap.exclude_self
+
+
+def test_chunks_of_queries_give_the_same_loss_and_gradients():
+    e = torch.nn.functional.normalize(torch.randn(48, 8, generator=torch.Generator().manual_seed(5)), dim=1)
+    labels = torch.arange(48) % 6
+    grads = []
+    for chunk in (None, 25 * 48 * 5):  # one chunk, and chunks of 5 queries (recomputed in backward)
+        x = e.clone().requires_grad_(True)
+        loss = ListwiseAP(chunk_elements=chunk)(x, labels)
+        loss.backward()
+        grads.append((loss.detach(), x.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(grads[0][1], grads[1][1], atol=1e-6, rtol=1e-5)

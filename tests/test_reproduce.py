@@ -28,7 +28,7 @@ base = {"happier": 0.6, "supap": 0.5}[recipe]
 metrics = {"test/R@1@0": base + 0.02 * seed, "test/AP@0": 0.4, "test/AP@1": base / 2,
            "test/H-AP": base - 0.1 + 0.01 * seed, "test/ASI": 0.3, "test/NDCG": 0.8, "test/P@1@0": 0.1}
 json.dump({"method": recipe, "dataset": dataset, "seed": seed, "level_names": ["fine", "coarse"],
-           "metrics": metrics, "reported": {"R@1@0": 81.0} if recipe == "happier" else {}},
+           "metrics": metrics, "reported": {"test/R@1@0": 81.0} if recipe == "happier" else {}},
           open(out / "metrics.json", "w"))
 '''
 
@@ -49,6 +49,19 @@ def write_notebook(path, *sources, params=PARAMS):
     nb.cells += [nbformat.v4.new_code_cell(s) for s in sources]
     nbformat.write(nb, str(path))
     return path
+
+
+def test_a_grid_on_missing_data_says_how_to_prepare_it(tmp_path, capsys):
+    from hapkit.reproduce import DataNotPrepared, check_datasets
+
+    with pytest.raises(DataNotPrepared) as info:
+        check_datasets(["generated", "sop", "cub"], data_root=tmp_path)
+    message = str(info.value)
+    assert "hapkit prepare-data sop" in message and "hapkit prepare-data cub" in message
+    assert main(["reproduce", "--methods", "happier", "--datasets", "sop", "--data-root", str(tmp_path),
+                 "--out", str(tmp_path / "results")]) == 2
+    assert "hapkit prepare-data sop" in capsys.readouterr().err
+    assert not (tmp_path / "results" / "runs").exists()  # nothing was run
 
 
 def test_plan_grid_is_seed_major_and_checks_recipes(tmp_path):
@@ -86,7 +99,9 @@ def test_grid_runs_skips_and_reports_failures(tmp_path, capsys):
     assert len(runs) == 2 and (runs["duration_s"] > 0).all()  # papermill's recorded durations
     assert set(runs["seed"]) == {0, 1}
     assert pd.read_csv(out / "summary.csv").shape[0] == 1
-    assert "R@1 81" in (out / "summary.md").read_text()
+    summary_md = (out / "summary.md").read_text()
+    assert "test/R@1@0 81" in summary_md and "61.00 ± 1.41" in summary_md  # published beside measured
+    assert pd.read_csv(out / "published.csv")["paper"].tolist() == [81.0]
     executed = json.loads((out / "runs" / "happier_generated" / "seed1" / "notebook.ipynb").read_text())
     assert executed["metadata"]["papermill"]["parameters"]["seed"] == 1
 

@@ -14,6 +14,7 @@ from hapkit.results import (
     headline_metrics,
     metrics_frame,
     metrics_table,
+    published_table,
     read_metrics,
     summarize,
     write_metrics,
@@ -38,7 +39,8 @@ def test_metrics_frame_names_levels_and_sets():
 def test_summary_mean_std_and_markdown():
     runs = pd.DataFrame([
         {"method": "happier", "dataset": "sop", "seed": s, "R@1": 0.80 + 0.01 * s, "AP@0": 0.5, "H-AP": 0.6,
-         "duration_s": 10.0, "level_names": ["product", "category"], "reported": {"R@1@0": 81.0}}
+         "duration_s": 10.0, "level_names": ["product", "category"], "reported": {"test/R@1@0": 81.0},
+         "metric:test/R@1@0": 0.80 + 0.01 * s}
         for s in range(3)
     ] + [{"method": "supap", "dataset": "sop", "seed": 0, "R@1": 0.79, "AP@0": 0.55, "H-AP": 0.5,
           "duration_s": 12.0, "level_names": ["product", "category"], "reported": {}}])
@@ -47,15 +49,21 @@ def test_summary_mean_std_and_markdown():
     assert s.loc["happier", "R@1"] == pytest.approx(81.0)
     assert s.loc["happier", "R@1 std"] == pytest.approx(1.0)  # sample std of 80, 81, 82
     assert math.isnan(s.loc["supap", "R@1 std"])
-    assert s.loc["happier", "paper"] == "R@1 81"
+    assert s.loc["happier", "paper"] == "test/R@1@0 81"
     md = format_markdown(summarize(runs))
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in md.splitlines() if line.startswith("|")]
     assert rows[0] == ["method", "dataset", "seeds", "R@1", "AP@0", "H-AP", "paper"]
     assert set(rows[1][3:6]) == {"---:"} or all(c.endswith(":") for c in rows[1][2:6])  # numbers right-aligned
-    assert rows[2] == ["happier", "sop", "3", "81.00 ± 1.00", "50.00 ± 0.00", "60.00 ± 0.00", "R@1 81"]
+    assert rows[2] == ["happier", "sop", "3", "81.00 ± 1.00", "50.00 ± 0.00", "60.00 ± 0.00", "test/R@1@0 81"]
     assert rows[3] == ["supap", "sop", "1", "79.00", "55.00", "50.00", ""]
     assert "Levels of sop: product / category." in md
     assert format_markdown(summarize(runs.iloc[:0])) == "(no complete run)"
+    published = published_table(runs)
+    assert published.to_dict("records") == [{"method": "happier", "dataset": "sop", "metric": "test/R@1@0",
+                                             "paper": 81.0, "measured": pytest.approx(81.0), "std": pytest.approx(1.0),
+                                             "seeds": 3}]
+    md = format_markdown(summarize(runs), published)
+    assert "| happier  | sop       | test/R@1@0 |    81.0 | 81.00 ± 1.00 |       3 |" in md
 
 
 def test_metrics_table_and_write_metrics(tmp_path):

@@ -46,7 +46,7 @@ def loss_and_grads(trainer, images, labels):
     return loss.detach(), grads
 
 
-def worker(rank, world, port, out_dir, recipe):
+def worker(rank, world, port, out_dir, recipe, extra=()):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world),
                       RANK=str(rank), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -55,7 +55,7 @@ def worker(rank, world, port, out_dir, recipe):
     from hapkit.training.distributed import all_reduce_mean, shutdown_distributed
 
     try:
-        cfg = load_recipe(recipe, overrides=OVERRIDES)
+        cfg = load_recipe(recipe, overrides=OVERRIDES + list(extra))
         trainer = Trainer(cfg, out_dir=Path(out_dir) / "run", train_set=TinySet(), eval_sets=eval_sets(),
                           progress=False, stop_after_steps=STEPS)
         assert trainer.dist.world_size == world and trainer.dist.rank == rank
@@ -101,6 +101,20 @@ def test_two_processes_match_one_process_on_the_global_batch(tmp_path, recipe="h
     for k in grads:
         torch.testing.assert_close(ddp["grads"][k], grads[k], rtol=1e-4, atol=1e-6, msg=k)
 
+    result = single.fit()
+    assert ddp["steps"] == result.global_step == STEPS
+    for k, v in single.model.state_dict().items():
+        torch.testing.assert_close(ddp["model"][k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.slow
+def test_two_processes_with_sub_batches_match_one_process_without(tmp_path, recipe="happier_generated"):
+    """Multi-stage backprop under DDP: each process embeds its slice in sub-batches, the loss ranks
+    against the gathered global batch, gradients are synchronised once per step."""
+    mp.spawn(worker, args=(2, free_port(), str(tmp_path), recipe, ("train.sub_batch=2",)), nprocs=2, join=True)
+    ddp = torch.load(tmp_path / "ddp.pt", weights_only=False)
+    single = Trainer(load_recipe(recipe, overrides=OVERRIDES), out_dir=tmp_path / "single", train_set=TinySet(),
+                     eval_sets=eval_sets(), progress=False, stop_after_steps=STEPS)
     result = single.fit()
     assert ddp["steps"] == result.global_step == STEPS
     for k, v in single.model.state_dict().items():

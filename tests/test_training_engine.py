@@ -228,7 +228,7 @@ def test_training_benchmark_runs_at_a_tiny_size():
     spec = importlib.util.spec_from_file_location("bench_train", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    res = bench.run("happier_generated", TINY[:2] + ["data.batch_size=32", "data.crop=16", "train.device=cpu"],
+    res = bench.run("happier_generated", TINY[:2] + ["data.batch_size=32", "data.train_transform.crop=16", "train.device=cpu"],
                     steps=3, warmup=1, repeats=1, synthetic=True, synthetic_images=512, verbose=False)
     assert res["bare_images_per_s"] > 0 and res["engine_images_per_s"] > 0 and "overhead" in res
 
@@ -322,3 +322,116 @@ def test_atomic_save_leaves_no_temporary_file(tmp_path):
     assert torch.equal(load_checkpoint(path)["x"], torch.ones(2))
     with pytest.raises(FileNotFoundError):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+# ---------------------------------------------------------------- official loop semantics
+
+
+def test_warmup_holds_every_schedule_until_it_ends(tmp_path):
+    """HAPPIER: during warm-up no epoch scheduler steps; the cosine starts after it."""
+    import math
+
+    one_step = ["train.epochs=4", "data.batches_per_super_tuple=1", "eval.every=0", "eval.at_end=false",
+                "model.freeze_batchnorm=true", "optim.lr=0.01", "optim.eta_min=0.0", "train.warmup_epochs=2"]
+    held = run(tmp_path / "held", *one_step)
+    cos = lambda e: 0.01 * (1 + math.cos(math.pi * e / 4)) / 2  # noqa: E731
+    # lr of epochs 1..4: two warm-up epochs at the initial lr, then the cosine from its start
+    assert np.allclose(held.history["lr/head"], [cos(0), cos(0), cos(0), cos(1)])
+    moving = run(tmp_path / "moving", *one_step, "train.warmup_schedules=true")
+    assert np.allclose(moving.history["lr/head"], [cos(e) for e in range(4)])
+
+
+def test_loss_parameters_follow_the_head_group(tmp_path):
+    cfg = tiny_cfg("optim.loss.follow=head", "optim.loss.lr=null", "optim.loss.eta_min=null", "optim.lr=0.02", "optim.weight_decay=0.001", "optim.eta_min=0.005",
+                   "optim.backbone.lr=0.005")
+    trainer = Trainer(cfg, out_dir=tmp_path, train_set=TinySet(), eval_sets=eval_sets(), progress=False)
+    head, loss = trainer.optimizers["head"], trainer.optimizers["loss"]
+    assert loss is not head and type(loss) is type(head)
+    assert {id(p) for p in loss.param_groups[0]["params"]} == {id(p) for p in trainer.loss_fn.parameters()}
+    for key in ("lr", "weight_decay", "betas"):
+        assert loss.param_groups[0][key] == head.param_groups[0][key]
+    assert trainer.schedulers["loss"].eta_min == trainer.schedulers["head"].eta_min == 0.005
+
+
+def test_one_optimiser_over_the_whole_network(tmp_path):
+    cfg = tiny_cfg("optim.network=single", "optim.optimizer=sgd", "optim.lr=0.1", "optim.nesterov=true",
+                   "optim.loss.follow=net", "optim.loss.lr=null", "optim.loss.eta_min=null")
+    trainer = Trainer(cfg, out_dir=tmp_path, train_set=TinySet(), eval_sets=eval_sets(), progress=False)
+    assert list(trainer.optimizers) == ["net", "loss"]
+    net = trainer.optimizers["net"]
+    assert isinstance(net, torch.optim.SGD) and net.param_groups[0]["nesterov"]
+    assert len(net.param_groups[0]["params"]) == len(list(trainer.model.parameters()))
+    assert trainer.optimizers["loss"].param_groups[0]["lr"] == 0.1
+    trainer.fit()
+    assert {"lr/net", "lr/loss"} <= set(trainer.history[-1])
+    with pytest.raises(ConfigError, match="warmup_frozen"):
+        Trainer(tiny_cfg("optim.network=single", "optim.loss.follow=net", "optim.loss.lr=null", "optim.loss.eta_min=null",
+                         "train.warmup_epochs=1"), out_dir=tmp_path / "w", train_set=TinySet(), progress=False)
+
+
+def test_fp16_uses_a_gradient_scaler_on_cpu(tmp_path):
+    trainer = Trainer(tiny_cfg("train.amp=fp16"), out_dir=tmp_path, train_set=TinySet(), eval_sets=eval_sets(),
+                      progress=False, stop_after_steps=1)
+    assert trainer.amp_dtype == torch.float16 and trainer.scaler.is_enabled()
+    scale = trainer.scaler.get_scale()
+    trainer.fit()
+    assert trainer.scaler.get_scale() in (scale, scale / 2)  # updated after the step (halved on overflow)
+
+
+def one_step_weights(tmp_path, *overrides):
+    """The model after one optimiser step on the same first batch."""
+    cfg = tiny_cfg("model.freeze_batchnorm=true", "model.dropout=0.3", "eval.every=0", "eval.at_end=false",
+                   "optim.lr=0.01", *overrides)
+    trainer = Trainer(cfg, out_dir=tmp_path, train_set=TinySet(), eval_sets=eval_sets(), progress=False,
+                      stop_after_steps=1)
+    trainer.fit()
+    return trainer.model.state_dict(), trainer.loss_fn.state_dict()
+
+
+@pytest.mark.parametrize("extra", [[], ["optim.grad_clip=0.05"], ["train.amp=bf16"]])
+def test_a_step_with_sub_batches_equals_a_plain_step(tmp_path, extra):
+    """Multi-stage backprop: the same augmented images, dropout masks replayed, frozen batch-norm."""
+    plain, plain_loss = one_step_weights(tmp_path / "plain", *extra)
+    staged, staged_loss = one_step_weights(tmp_path / "staged", "train.sub_batch=4", *extra)
+    for key in plain:
+        torch.testing.assert_close(staged[key], plain[key], rtol=1e-5, atol=1e-5, msg=key)
+    for key in plain_loss:
+        torch.testing.assert_close(staged_loss[key], plain_loss[key], rtol=1e-5, atol=1e-5, msg=key)
+
+
+def test_sub_batches_with_trainable_batch_norm_normalise_per_sub_batch(tmp_path):
+    """Documented limit: batch statistics are those of each sub-batch (ghost batch-norm), and the
+    running statistics are updated once per sub-batch, not twice."""
+    plain, _ = one_step_weights(tmp_path / "plain", "model.freeze_batchnorm=false", "model.dropout=0")
+    staged, _ = one_step_weights(tmp_path / "staged", "model.freeze_batchnorm=false", "model.dropout=0",
+                                 "train.sub_batch=4")
+    assert not torch.allclose(staged["head.weight"], plain["head.weight"], atol=1e-6)
+    tracked = [k for k in staged if k.endswith("num_batches_tracked")]
+    assert tracked and all(int(staged[k]) == 4 for k in tracked)  # 16 images in 4 sub-batches, counted once
+
+
+def test_resume_survives_a_truncated_checkpoint(tmp_path):
+    from hapkit.training.checkpoint import CheckpointError, previous_path
+
+    full = run(tmp_path / "full", "eval.every=0", "eval.at_end=false")
+    run(tmp_path / "cut", "eval.every=0", "eval.at_end=false")
+    ckpt = tmp_path / "cut" / "checkpoint.pt"
+    assert previous_path(ckpt).is_file()  # the epoch-1 checkpoint is kept beside the last one
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])  # a copy cut short
+    with pytest.warns(RuntimeWarning, match="previous checkpoint"):
+        resumed = run(tmp_path / "cut", "eval.every=0", "eval.at_end=false", resume=True)
+    assert resumed.global_step == full.global_step
+    assert_same_state(model_state(tmp_path / "full")[0], model_state(tmp_path / "cut")[0])
+    # both files unreadable: the error names the file and says what to do
+    ckpt.write_bytes(b"not a checkpoint")
+    previous_path(ckpt).write_bytes(b"nor this")
+    with pytest.raises(CheckpointError, match=r"checkpoint.*checkpoint\.pt cannot be read.*new output directory"):
+        run(tmp_path / "cut", "eval.every=0", "eval.at_end=false", resume=True)
+
+
+def test_a_run_with_sub_batches_resumes_bit_for_bit(tmp_path):
+    extra = ["train.sub_batch=4", "model.dropout=0.2", "eval.every=0", "eval.at_end=false"]
+    run(tmp_path / "full", *extra)
+    run(tmp_path / "split", *extra, stop_after_steps=3)
+    run(tmp_path / "split", *extra, resume=True)
+    assert_same_state(model_state(tmp_path / "full")[0], model_state(tmp_path / "split")[0])

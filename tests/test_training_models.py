@@ -193,3 +193,46 @@ def test_bf16_autocast_forward_gives_float32_unit_embeddings():
         e = model(torch.rand(3, 3, 32, 32))
     assert e.dtype == torch.float32
     torch.testing.assert_close(e.norm(dim=1), torch.ones(3))
+
+
+def test_distilled_deit_weights_load_into_the_plain_deit():
+    """ROADMAP's vit_deit_distilled: the distillation token and its position embedding dropped."""
+    timm = pytest.importorskip("timm")
+    from hapkit.training.models import distilled_to_plain_deit
+
+    teacher = timm.create_model("deit_small_distilled_patch16_224", pretrained=False)
+    plain = timm.create_model("deit_small_patch16_224", pretrained=False, num_classes=0)
+    state = distilled_to_plain_deit(teacher.state_dict())
+    missing, unexpected = plain.load_state_dict(state, strict=False)
+    assert not missing and all(k.startswith("head.") for k in unexpected)
+    pos = teacher.state_dict()["pos_embed"]
+    torch.testing.assert_close(plain.pos_embed, torch.cat([pos[:, :1], pos[:, 2:]], dim=1))
+    torch.testing.assert_close(plain.cls_token, teacher.cls_token)
+    torch.testing.assert_close(plain.blocks[3].attn.qkv.weight, teacher.blocks[3].attn.qkv.weight)
+    assert "dist_token" not in state and not any(k.startswith("head_dist") for k in state)
+
+
+def test_deit_class_token_is_the_embedding_without_a_head():
+    pytest.importorskip("timm")
+    model = build_model({"backbone": "deit_small_distilled", "pretrained": False, "pooling": "default",
+                         "layer_norm": False, "linear_head": False, "freeze_batchnorm": False})
+    assert model.embedding_size == 384 and isinstance(model.head, torch.nn.Identity)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        out = model.eval()(x)
+        tokens = model.backbone.model.forward_features(x)  # (2, 197, 384) after the final norm
+    torch.testing.assert_close(out, torch.nn.functional.normalize(tokens[:, 0], dim=1), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="pooling=default"):
+        build_model({"backbone": "deit_small_distilled", "pretrained": False, "pooling": "avg"})
+
+
+def test_dropout_before_the_head_is_active_in_training_only():
+    model = build_model({"backbone": "small_cnn", "pretrained": False, "width": 4, "embedding_size": 8, "dropout": 0.5})
+    x = torch.randn(4, 3, 16, 16)
+    model.train()
+    torch.manual_seed(0)
+    a = model(x)
+    torch.manual_seed(1)
+    assert not torch.allclose(a, model(x))
+    model.eval()
+    assert torch.equal(model(x), model(x))

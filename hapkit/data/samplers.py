@@ -230,14 +230,24 @@ class MPerClassBatchSampler(_EpochBatchSampler):
     ``m`` images per class independently for every batch (with replacement across batches, and
     within a class smaller than m), for an epoch length fixed by ``length_before_new_iter``.
 
-    Per epoch: each class's images are shuffled and cut into groups of ``m`` (a remainder smaller
-    than ``m`` is left out this epoch); the number of batches is the largest B such that
-    ``sum_c min(groups_c, B) >= B * k`` (k = classes per batch), surplus groups are dropped at
-    random, and groups are dealt to batches largest class first into the emptiest batches, so
-    that no class appears twice in a batch. Batch order and the order inside a batch are shuffled.
+    Per epoch each class's images are shuffled and cut into groups of ``m`` (a remainder smaller
+    than ``m`` is left out this epoch; with ``max_per_class`` only that many images of a class
+    take part, SupRank's ``reduce_per_class``). Two ways to make the epoch's batches (``fill``):
 
-    A class with fewer than ``m`` images can never be sampled: that is an error unless
-    ``drop_small_classes=True`` (the reference samplers skip such classes silently).
+    - ``"passes"`` (the reference samplers of Smooth-AP, ROADMAP and HAPPIER, the default): the
+      classes are shuffled once; each pass over them takes one group from each of the first k
+      classes (k = classes per batch) that still have one, and gives one batch; the epoch ends at
+      the first pass that finds fewer than k such classes. On unbalanced data this leaves many
+      groups unused, and the epoch length (hence the number of steps of a recipe) is the
+      reference's.
+    - ``"packed"``: as many batches as the groups allow: the largest B such that
+      ``sum_c min(groups_c, B) >= B * k``; surplus groups are dropped at random, and groups are
+      dealt to batches largest class first into the emptiest batches, so that no class appears
+      twice in a batch.
+
+    Batch order and the order inside a batch are shuffled. A class with fewer than ``m`` images
+    can never be sampled: that is an error unless ``drop_small_classes=True`` (the reference
+    samplers skip such classes silently).
     """
 
     def __init__(
@@ -248,12 +258,20 @@ class MPerClassBatchSampler(_EpochBatchSampler):
         seed: int = 0,
         column: int = 0,
         drop_small_classes: bool = False,
+        fill: str = "passes",
+        max_per_class: int | None = None,
         num_replicas: int = 1,
         rank: int = 0,
     ):
         super().__init__(batch_size, seed, num_replicas, rank)
         if int(m) < 1:
             raise ValueError(f"m (images per class) must be >= 1, got {m}")
+        if fill not in ("passes", "packed"):
+            raise ValueError(f"fill must be 'passes' (the reference samplers) or 'packed', got {fill!r}")
+        if max_per_class is not None and int(max_per_class) < m:
+            raise ValueError(f"max_per_class={max_per_class} is below m={m}: no class could give a group")
+        self.fill = fill
+        self.max_per_class = None if max_per_class is None else int(max_per_class)
         if batch_size % m:
             raise ValueError(
                 f"batch_size {batch_size} is not divisible by m={m}: a batch holds batch_size // m "
@@ -275,6 +293,7 @@ class MPerClassBatchSampler(_EpochBatchSampler):
                 f"drop_small_classes=True to leave them out (as the reference sampler does)."
             )
         self._groups = [order[s : s + n] for s, n, sm in zip(starts, counts, small) if not sm]
+        self.dropped_classes = int(small.sum())
         if len(self._groups) < self.classes_per_batch:
             raise ValueError(
                 f"MPerClassBatchSampler: a batch needs {self.classes_per_batch} classes with >= {self.m} "
@@ -284,8 +303,36 @@ class MPerClassBatchSampler(_EpochBatchSampler):
 
     def _make_batches(self, seed_seq):
         rng = np.random.default_rng(seed_seq)
+        members = [rng.permutation(g)[: self.max_per_class] for g in self._groups]
+        batches = self._passes(members, rng) if self.fill == "passes" else self._packed(members, rng)
+        return [[int(i) for i in rng.permutation(b)] for b in batches]
+
+    def _passes(self, members: list[np.ndarray], rng) -> list[np.ndarray]:
+        """The reference epoch: each pass gives one batch from the first k classes (in a shuffled
+        order) that still have a group of m unused images."""
         m, k = self.m, self.classes_per_batch
-        members = [rng.permutation(g) for g in self._groups]
+        order = rng.permutation(len(members))
+        left = np.array([len(g) // m for g in members])
+        used = np.zeros(len(members), dtype=np.int64)
+        # the first k classes with a group left are those `active` holds: every class before
+        # `upcoming` in the order is active or exhausted, and classes never come back
+        active: list[int] = []
+        upcoming, batches = 0, []
+        while True:
+            while len(active) < k and upcoming < len(order):
+                c = int(order[upcoming])
+                upcoming += 1
+                if left[c] > 0:
+                    active.append(c)
+            if len(active) < k:
+                break
+            batches.append(np.concatenate([members[c][used[c] * m : (used[c] + 1) * m] for c in active]))
+            used[active] += 1
+            active = [c for c in active if used[c] < left[c]]
+        return [batches[i] for i in rng.permutation(len(batches))]
+
+    def _packed(self, members: list[np.ndarray], rng) -> list[np.ndarray]:
+        m, k = self.m, self.classes_per_batch
         groups = np.array([len(g) // m for g in members])
         # largest number of batches B with sum_c min(groups_c, B) >= B * k (concave in B)
         lo, hi = 0, int(groups.sum()) // k
@@ -317,14 +364,10 @@ class MPerClassBatchSampler(_EpochBatchSampler):
             capacity[chosen] -= 1
             for j, b in enumerate(chosen):
                 batches[b].append(members[c][j * m : (j + 1) * m])
-        out = []
-        for b in rng.permutation(n_batches):
-            idx = np.concatenate(batches[b])
-            out.append([int(i) for i in rng.permutation(idx)])
-        return out
+        return [np.concatenate(batches[b]) for b in rng.permutation(n_batches)]
 
     def __repr__(self):
         return (
             f"MPerClassBatchSampler(batch_size={self.batch_size}, m={self.m}, column={self.column}, "
-            f"classes={self.num_classes}, seed={self.seed})"
+            f"classes={self.num_classes}, fill={self.fill!r}, max_per_class={self.max_per_class}, seed={self.seed})"
         )

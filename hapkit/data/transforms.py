@@ -1,17 +1,39 @@
-"""Image transforms (torchvision.transforms.v2): the official recipes and the generated-data ones.
+"""Image transforms (torchvision.transforms.v2): the official recipes' and the generated-data ones.
+
+A transform is described by data, :class:`TrainTransform` or :class:`TestTransform` (the
+``data.train_transform`` / ``data.test_transform`` sections of a recipe), so that the official
+pipelines can be written down exactly:
+
+- ``imagenet`` train: [Resize(resize), shorter side] -> RandomResizedCrop(crop, scale, ratio) ->
+  [RandomHorizontalFlip]; test: [Resize(resize) (shorter side) or Resize([resize, resize])
+  (``square``: the aspect ratio is not kept)] -> [CenterCrop(crop)]; ImageNet normalisation.
+  HAPPIER / ROADMAP on SOP resize before the random crop and resize the test images to a square;
+  their iNaturalist, CUB and DyML pipelines crop the raw image and resize the shorter side.
+- ``generated`` (embedded dataset, 32 px): train = RandomCrop(crop, reflect padding) and
+  horizontal flip (no class of the generated set is the mirror image of another, and colour, the
+  finest cue, is left untouched); test = [Resize] -> CenterCrop(crop); normalisation by mean
+  0.5, std 0.25.
 
 Both kinds accept a PIL image or a uint8 CxHxW tensor and return a normalised float32 tensor.
+:func:`describe_transforms` lists a built pipeline as plain data (names and parameters).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import dataclasses
+import enum
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
 
 import torch
 from torchvision.transforms import v2
 
 __all__ = [
+    "TrainTransform",
+    "TestTransform",
+    "default_transform",
     "build_transforms",
+    "describe_transforms",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "GENERATED_MEAN",
@@ -27,61 +49,84 @@ GENERATED_STD = (0.25, 0.25, 0.25)
 TRANSFORM_KINDS = ("imagenet", "generated")
 
 
+@dataclass
+class TrainTransform:
+    """Training augmentation. Defaults: HAPPIER's SOP pipeline (``transform/sop.yaml``)."""
+
+    resize: Optional[int] = 256  # shorter side resized first; null: crop the original image
+    crop: int = 224  # RandomResizedCrop size (generated kind: RandomCrop size)
+    scale: list[float] = field(default_factory=lambda: [0.16, 1.0])
+    ratio: list[float] = field(default_factory=lambda: [0.75, 1.33])
+    flip: bool = True
+    padding: Optional[int] = None  # generated kind: RandomCrop padding (null: crop // 8)
+
+
+@dataclass
+class TestTransform:
+    """Test-time resizing. Defaults: HAPPIER's SOP pipeline (Resize([256, 256]), CenterCrop(224))."""
+
+    __test__ = False  # a name pytest would otherwise collect
+
+    resize: Optional[int] = 256  # null: no resize
+    square: bool = True  # Resize([resize, resize]) (aspect ratio not kept) instead of the shorter side
+    crop: Optional[int] = 224  # CenterCrop size; null: no crop
+
+
+def default_transform(kind: str, train: bool):
+    """The spec a kind uses when none is given: the SOP pipeline for ``imagenet``, 32-px crops
+    without resizing for ``generated``."""
+    if kind == "generated":
+        return TrainTransform(resize=None, crop=32) if train else TestTransform(resize=None, crop=32)
+    return TrainTransform() if train else TestTransform()
+
+
 def build_transforms(
     kind: str = "imagenet",
     train: bool = True,
+    spec: TrainTransform | TestTransform | None = None,
     *,
-    resize: int | None = None,
-    crop: int | None = None,
-    scale: Sequence[float] = (0.16, 1.0),
-    ratio: Sequence[float] = (0.75, 1.33),
-    padding: int | None = None,
-    flip: bool = True,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    **fields,
 ) -> v2.Compose:
-    """Train or test transform of ``kind``.
-
-    - ``"imagenet"`` (HAPPIER / ROADMAP official recipes): train = Resize(256),
-      RandomResizedCrop(224, scale=(0.16, 1), ratio=(0.75, 1.33)), RandomHorizontalFlip; test =
-      Resize(256), CenterCrop(224); ImageNet normalisation. ``resize`` / ``crop`` override 256 /
-      224 (e.g. ROADMAP's 256-px crops on SOP: ``resize=288, crop=256``).
-    - ``"generated"`` (embedded dataset, 32 px): train = RandomCrop(32, padding=4, reflect) and
-      horizontal flip (no class of the generated set is the mirror image of another, and colour,
-      the finest cue, is left untouched); test = identity (CenterCrop(crop) when ``crop`` is
-      given); normalisation by mean 0.5, std 0.25. ``crop`` defaults to 32, ``padding`` to
-      crop // 8.
-    """
+    """The train or test pipeline of ``kind`` from ``spec`` (default :func:`default_transform`);
+    keyword ``fields`` replace fields of the spec (``build_transforms("imagenet", False, crop=256)``)."""
     if kind not in TRANSFORM_KINDS:
         raise ValueError(f"unknown transform kind {kind!r}; choose one of {TRANSFORM_KINDS}")
+    spec = default_transform(kind, train) if spec is None else spec
+    expected = TrainTransform if train else TestTransform
+    if not isinstance(spec, expected):
+        raise TypeError(f"a {'train' if train else 'test'} transform needs a {expected.__name__}, got {type(spec).__name__}")
+    spec = dataclasses.replace(spec, **fields) if fields else spec
     steps: list = [v2.ToImage()]
     if kind == "imagenet":
-        resize = 256 if resize is None else resize
-        crop = 224 if crop is None else crop
         if train:
-            steps += [
-                v2.Resize(resize, antialias=True),
-                v2.RandomResizedCrop(crop, scale=tuple(scale), ratio=tuple(ratio), antialias=True),
-            ]
-            if flip:
+            if spec.resize is not None:
+                steps.append(v2.Resize(spec.resize, antialias=True))
+            steps.append(v2.RandomResizedCrop(spec.crop, scale=tuple(spec.scale), ratio=tuple(spec.ratio), antialias=True))
+            if spec.flip:
                 steps.append(v2.RandomHorizontalFlip())
         else:
-            steps += [v2.Resize(resize, antialias=True), v2.CenterCrop(crop)]
+            if spec.resize is not None:
+                size = [spec.resize, spec.resize] if spec.square else spec.resize
+                steps.append(v2.Resize(size, antialias=True))
+            if spec.crop is not None:
+                steps.append(v2.CenterCrop(spec.crop))
         mean = IMAGENET_MEAN if mean is None else mean
         std = IMAGENET_STD if std is None else std
     else:
         # float first: reflect padding is several times slower on uint8 images
         steps.append(v2.ToDtype(torch.float32, scale=True))
-        if resize is not None:
-            steps.append(v2.Resize(resize, antialias=True))
-        crop = 32 if crop is None else crop
+        if spec.resize is not None:
+            size = [spec.resize, spec.resize] if (not train and spec.square) else spec.resize
+            steps.append(v2.Resize(size, antialias=True))
         if train:
-            pad = crop // 8 if padding is None else padding
-            steps.append(v2.RandomCrop(crop, padding=pad or None, padding_mode="reflect"))
-            if flip:
+            pad = spec.crop // 8 if spec.padding is None else spec.padding
+            steps.append(v2.RandomCrop(spec.crop, padding=pad or None, padding_mode="reflect"))
+            if spec.flip:
                 steps.append(v2.RandomHorizontalFlip())
-        else:
-            steps.append(v2.CenterCrop(crop))
+        elif spec.crop is not None:
+            steps.append(v2.CenterCrop(spec.crop))
         mean = GENERATED_MEAN if mean is None else mean
         std = GENERATED_STD if std is None else std
     steps += [
@@ -90,3 +135,29 @@ def build_transforms(
         v2.ToPureTensor(),  # a plain tensor, not a tv_tensors.Image, for the model and collate
     ]
     return v2.Compose(steps)
+
+
+def _plain(value):
+    if isinstance(value, enum.Enum):
+        return str(value.value)
+    if isinstance(value, torch.dtype):
+        return str(value).replace("torch.", "")
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value
+
+
+def describe_transforms(transform) -> list[dict]:
+    """The steps of a built pipeline as plain data: ``[{"name": "Resize", "size": [256, 256], ...}, ...]``
+    (the torchvision class name and its public parameters)."""
+    steps = transform.transforms if isinstance(transform, v2.Compose) else [transform]
+    out = []
+    for step in steps:
+        params = {
+            k: _plain(v) for k, v in vars(step).items()
+            if not k.startswith("_") and k != "training" and isinstance(v, (int, float, bool, str, list, tuple, dict, enum.Enum, torch.dtype, type(None)))
+        }
+        out.append({"name": type(step).__name__, **params})
+    return out

@@ -20,6 +20,7 @@ _WHERE = {
     "ROADMAP": "roadmap",
     "SmoothAP": "smoothap",
     "ListwiseAP": "listwise_ap",
+    "TieAwareListwiseAP": "listwise_ap",
     "multistage_backward": "listwise_ap",
     "SupRecall": "suprank",
     "SupNDCG": "suprank",

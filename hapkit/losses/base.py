@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Callable, ClassVar, Iterator
 
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from hapkit.hierarchy import as_label_tensor
 
@@ -31,6 +32,8 @@ __all__ = [
     "binary_positives",
     "reduce_queries",
     "chunk_elements_for",
+    "query_chunks",
+    "run_chunked",
 ]
 
 
@@ -47,14 +50,15 @@ class HapkitLoss(nn.Module):
       ``ref_emb`` / ``ref_labels`` (rank losses); with several processes the engine gives it the
       gathered global batch. False for losses against learned proxies or class weights, which
       see the local batch (their mean over samples makes DDP's gradient averaging exact).
-    - ``parameter_group``: the recipe's optimiser group (``optim.<group>``) of the loss's own
-      learnable parameters, when it has any (proxies, class weights).
+    - ``has_parameters``: the loss has learnable parameters of its own (proxies, class weights),
+      trained by the optimiser of ``parameter_group``, the recipe's ``optim.<group>`` section.
 
     :meth:`training_kwargs` fills the constructor arguments that come from the training data
     (class counts, embedding size, hierarchy, seed) when a recipe leaves them out.
     """
 
     takes_reference_set: ClassVar[bool] = True
+    has_parameters: ClassVar[bool] = False
     parameter_group: ClassVar[str] = "loss"
 
     @classmethod
@@ -198,3 +202,35 @@ def chunk_elements_for(chunk_elements: int | None, device: torch.device, cpu: in
     if int(chunk_elements) < 1:
         raise ValueError(f"chunk_elements must be a positive number of values, got {chunk_elements}")
     return int(chunk_elements)
+
+
+def query_chunks(pairs_per_query: torch.Tensor, gallery_size: int, chunk_elements: int) -> Iterator[slice]:
+    """Consecutive query slices, chosen greedily so that each chunk's (pairs x gallery) block holds
+    at most ``chunk_elements`` values (at least one query per chunk)."""
+    B = pairs_per_query.shape[0]
+    cost = (pairs_per_query.clamp(min=1) * max(gallery_size, 1)).tolist()
+    start, acc = 0, 0
+    for i, c in enumerate(cost):
+        if i > start and acc + c > chunk_elements:
+            yield slice(start, i)
+            start, acc = i, 0
+        acc += c
+    if start < B:
+        yield slice(start, B)
+
+
+def run_chunked(fn: Callable[..., torch.Tensor], chunks: list[slice], *tensors, **static):
+    """Concatenate ``fn(*(t[chunk] for t in tensors), **static)`` over query chunks.
+
+    With several chunks and autograd on, each chunk is checkpointed so that only one chunk's
+    (pairs x gallery) intermediates are alive at a time, in the backward pass as well.
+    """
+    outputs = []
+    use_ckpt = len(chunks) > 1 and torch.is_grad_enabled()
+    for sl in chunks:
+        args = [t[sl] for t in tensors]
+        if use_ckpt:
+            outputs.append(checkpoint(lambda *a: fn(*a, **static), *args, use_reentrant=False))
+        else:
+            outputs.append(fn(*args, **static))
+    return torch.cat(outputs) if outputs else tensors[0].new_zeros(0)

@@ -159,6 +159,7 @@ class ClusterLoss(HapkitLoss):
     ``ref_emb``/``ref_labels`` are accepted for a uniform call shape and ignored (per-sample loss).
     """
 
+    has_parameters = True
     takes_reference_set = False
 
     def __init__(self, num_classes: int, embedding_size: int, temperature: float = 0.05, column: int = 0):
@@ -214,6 +215,8 @@ class HAPPIER(HapkitLoss):
         **hap_kwargs: forwarded to :class:`HAPLoss` (tau, rho, delta, start, offset, ...).
     The parts are the submodules ``.hap`` and ``.cluster`` (whose weight has its own optimizer).
     """
+
+    has_parameters = True
 
     def __init__(
         self,

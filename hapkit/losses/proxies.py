@@ -105,6 +105,7 @@ class HierarchicalProxyLoss(HapkitLoss):
         base_kwargs: passed to the pytorch-metric-learning loss (e.g. ``margin``, ``alpha``).
     """
 
+    has_parameters = True
     takes_reference_set = False
 
     @classmethod
@@ -279,6 +280,7 @@ class CSLLoss(HapkitLoss):
             this seed without touching the global random state.
     """
 
+    has_parameters = True
     takes_reference_set = False
 
     def __init__(

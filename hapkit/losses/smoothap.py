@@ -13,18 +13,17 @@ set G,
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
-
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from hapkit.losses.base import (
     HapkitLoss,
     binary_positives,
     chunk_elements_for,
     prepare_inputs,
+    query_chunks,
     ranking_mask,
     reduce_queries,
+    run_chunked,
 )
 from hapkit.losses.rank import float32_compute, sigmoid_step
 
@@ -37,40 +36,8 @@ CHUNK_ELEMENTS = 2**24
 
 
 # --------------------------------------------------------------------------------------------
-# Chunks of queries
+# Pairs
 # --------------------------------------------------------------------------------------------
-
-
-def query_chunks(pairs_per_query: torch.Tensor, gallery_size: int, chunk_elements: int) -> Iterator[slice]:
-    """Consecutive query slices, chosen greedily so that each chunk's (pairs x gallery) block holds
-    at most ``chunk_elements`` values (at least one query per chunk)."""
-    B = pairs_per_query.shape[0]
-    cost = (pairs_per_query.clamp(min=1) * max(gallery_size, 1)).tolist()
-    start, acc = 0, 0
-    for i, c in enumerate(cost):
-        if i > start and acc + c > chunk_elements:
-            yield slice(start, i)
-            start, acc = i, 0
-        acc += c
-    if start < B:
-        yield slice(start, B)
-
-
-def run_chunked(fn: Callable[..., torch.Tensor], chunks: list[slice], *tensors, **static):
-    """Concatenate ``fn(*(t[chunk] for t in tensors), **static)`` over query chunks.
-
-    With several chunks and autograd on, each chunk is checkpointed so that only one chunk's
-    (pairs x gallery) intermediates are alive at a time, in the backward pass as well.
-    """
-    outputs = []
-    use_ckpt = len(chunks) > 1 and torch.is_grad_enabled()
-    for sl in chunks:
-        args = [t[sl] for t in tensors]
-        if use_ckpt:
-            outputs.append(checkpoint(lambda *a: fn(*a, **static), *args, use_reentrant=False))
-        else:
-            outputs.append(fn(*args, **static))
-    return torch.cat(outputs) if outputs else tensors[0].new_zeros(0)
 
 
 def pair_differences(scores: torch.Tensor, pairs: tuple[torch.Tensor, torch.Tensor]):

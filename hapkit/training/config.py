@@ -19,6 +19,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
+from hapkit.data.transforms import TestTransform, TrainTransform
+
 __all__ = [
     "ConfigError",
     "DataConfig",
@@ -34,10 +36,11 @@ __all__ = [
     "apply_overrides",
     "parse_override",
     "group_settings",
+    "network_groups",
     "GROUPS",
 ]
 
-GROUPS = ("backbone", "head", "loss")
+GROUPS = ("backbone", "head", "net", "loss")
 
 
 class ConfigError(ValueError):
@@ -50,19 +53,29 @@ class DataConfig:
 
     ``batch_size`` is the global batch: with several processes each one takes an equal slice of
     every sampled batch, so the rank losses see the same batch as a single-process run.
+
+    Samplers (:mod:`hapkit.data.samplers`): ``hierarchical`` draws each batch from
+    ``super_classes_per_batch`` super-classes (labels of label column ``sampler_column``),
+    ``samples_per_class`` images per fine class, ``batches_per_super_tuple`` batches for every
+    combination of super-classes (HAPPIER / ROADMAP on SOP); ``m_per_class`` takes
+    ``batch_size // samples_per_class`` classes of ``samples_per_class`` images, with the epoch
+    of the reference samplers (``m_per_class_fill: passes``) or packed (``packed``), optionally
+    at most ``max_per_class`` images of a class per epoch (SupRank's ``reduce_per_class``).
     """
 
     dataset: str = "generated"
     root: Optional[str] = None
     transform: str = "imagenet"  # kind passed to hapkit.data.transforms.build_transforms
-    resize: Optional[int] = None  # transform's resize / crop sizes; None = the kind's defaults
-    crop: Optional[int] = None
+    train_transform: TrainTransform = field(default_factory=TrainTransform)
+    test_transform: TestTransform = field(default_factory=TestTransform)
     sampler: Literal["hierarchical", "m_per_class"] = "hierarchical"
     batch_size: int = 256
     samples_per_class: int = 4
     super_classes_per_batch: int = 2
     batches_per_super_tuple: int = 5
     sampler_column: int = 1  # label column whose classes (super-classes) the hierarchical sampler pairs
+    m_per_class_fill: Literal["passes", "packed"] = "passes"
+    max_per_class: Optional[int] = None
     num_workers: int = 8
     eval_batch_size: int = 256
 
@@ -71,12 +84,14 @@ class DataConfig:
 class ModelConfig:
     """Backbone, pooling and embedding head (see :func:`hapkit.training.models.build_model`)."""
 
-    backbone: str = "resnet50"  # resnet18/34/50/101, small_cnn, or "timm:<name>"
+    backbone: str = "resnet50"  # resnet18/34/50/101, small_cnn, deit_small_distilled, or "timm:<name>"
     pretrained: Union[bool, Literal["required"]] = True
     pooling: Literal["avg", "max", "gem", "default"] = "avg"
     gem_p: float = 3.0
     layer_norm: bool = True  # parameter-free LayerNorm on the pooled feature
+    linear_head: bool = True  # False: the pooled feature is the embedding (ROADMAP's DeiT, without_fc)
     embedding_size: int = 512
+    dropout: float = 0.0  # dropout on the pooled feature before the head (no official recipe uses it)
     freeze_batchnorm: bool = True
     normalize: bool = True
     width: int = 32  # channels of the first small_cnn block (small_cnn only)
@@ -96,8 +111,14 @@ class LossConfig:
 
 @dataclass
 class GroupConfig:
-    """Per-group overrides of the optimiser defaults; ``None`` inherits the ``optim`` value."""
+    """Per-group overrides of the optimiser defaults; ``None`` inherits the ``optim`` value.
 
+    ``follow: <group>`` gives this group the resolved settings of another group (its optimiser
+    type, learning rate, weight decay and schedule), in a separate optimiser over this group's
+    parameters: the official configurations' ``${optimizer.opt.N}`` for the loss parameters.
+    """
+
+    follow: Optional[Literal["backbone", "head", "net"]] = None
     optimizer: Optional[Literal["adam", "adamw", "sgd"]] = None
     lr: Optional[float] = None
     weight_decay: Optional[float] = None
@@ -111,8 +132,15 @@ class GroupConfig:
 
 @dataclass
 class OptimConfig:
-    """Optimiser and per-epoch learning-rate schedule, defaults for every parameter group."""
+    """Optimiser and per-epoch learning-rate schedule, defaults for every parameter group.
 
+    ``network: split`` (default) gives the backbone and the embedding head one optimiser each
+    (groups ``backbone`` and ``head``); ``single`` one optimiser over the whole network (group
+    ``net``, the official configurations' ``params: null``) with the defaults below.
+    Cosine schedules run over ``train.epochs`` epochs (the official ``T_max: ${max_iter}``).
+    """
+
+    network: Literal["split", "single"] = "split"
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     lr: float = 1e-4
     weight_decay: float = 1e-4
@@ -130,10 +158,23 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    """Training loop settings."""
+    """Training loop settings.
+
+    Warm-up (HAPPIER's ``warmup_step`` / ``warmup_keys``): during epochs 1..``warmup_epochs`` the
+    groups in ``warmup_frozen`` are frozen (their optimiser does not step; the others do) and,
+    unless ``warmup_schedules``, no learning-rate schedule advances: the schedules start after
+    the warm-up, as in the official loops.
+
+    ``sub_batch``: multi-stage backpropagation (Revaud et al., ICCV 2019) with this many images
+    per network pass; the loss still sees the whole batch (see
+    :func:`hapkit.losses.multistage_backward`).
+    """
 
     epochs: int = 100
-    warmup_epochs: int = 0  # epochs with the backbone frozen (only head and loss parameters train)
+    warmup_epochs: int = 0
+    warmup_frozen: list[str] = field(default_factory=lambda: ["backbone"])
+    warmup_schedules: bool = False
+    sub_batch: Optional[int] = None
     amp: Literal["auto", "bf16", "fp16", "none"] = "auto"  # auto: bf16 (fp16 if unsupported) on CUDA, none on CPU
     device: str = "auto"  # auto: cuda when available
     channels_last: bool = True  # CUDA only
@@ -144,17 +185,27 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Evaluation during and after training (hapkit.evaluate on the dataset's eval sets)."""
+    """Evaluation during and after training (hapkit.evaluate on the dataset's eval sets).
+
+    ``columns`` are the label columns of the binary metrics (HAPPIER's
+    ``compute_for_hierarchy_levels``), ``ks`` the k of R@k, ``metrics`` the metric families
+    (None: all). ``overall`` adds the official averages: the mean of each metric over the eval
+    sets when there are several (DyML's benchmarks), else the mean of each binary metric over
+    ``columns`` (``overall/AP`` etc.).
+    """
 
     every: int = 20  # epochs; 0 = only at the end
     at_end: bool = True
     metrics: Optional[list[str]] = None  # None = all of hapkit.evaluate
+    columns: Optional[list[int]] = None  # None = every label column
+    ks: list[int] = field(default_factory=lambda: [1, 4, 16])
+    overall: bool = False
     max_items: Optional[int] = None  # evaluate on this many items spread over each set (quick checks)
 
 
 @dataclass
 class Recipe:
-    """A complete training configuration (one YAML file in hapkit/recipes)."""
+    """A complete training configuration (one YAML file in hapkit/training/recipes)."""
 
     name: str = "custom"
     method: str = ""
@@ -166,7 +217,7 @@ class Recipe:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    reported: dict = field(default_factory=dict)  # published numbers, metric name -> value (%)
+    reported: dict = field(default_factory=dict)  # published numbers, summary key -> value (%)
 
 
 # ---------------------------------------------------------------------------- type checking
@@ -369,13 +420,40 @@ def apply_overrides(cfg: Recipe, overrides) -> Recipe:
     return from_dict(Recipe, data)
 
 
-def group_settings(optim: OptimConfig, group: str) -> dict:
-    """The resolved optimiser settings of one parameter group (group values over the defaults)."""
+def network_groups(optim: OptimConfig) -> tuple[str, ...]:
+    """The parameter groups of the network: ``("backbone", "head")`` or ``("net",)``."""
+    return ("net",) if optim.network == "single" else ("backbone", "head")
+
+
+def group_settings(optim: OptimConfig, group: str, _seen: tuple = ()) -> dict:
+    """The resolved optimiser settings of one parameter group: the group's own values over the
+    ``optim`` defaults, or those of the group it follows."""
     if group not in GROUPS:
         raise ConfigError(f"unknown parameter group {group!r}; groups are {GROUPS}")
+    if group in ("backbone", "head") and optim.network == "single":
+        raise ConfigError(f"optim.network=single has one group, net: there is no {group!r} group")
+    if group == "net":
+        if optim.network != "single":
+            raise ConfigError("group 'net' exists with optim.network=single only; this recipe has backbone and head")
+        set_keys = [f"optim.{g}.{f.name}" for g in ("backbone", "head") for f in dataclasses.fields(GroupConfig)
+                    if getattr(getattr(optim, g), f.name) is not None]
+        if set_keys:
+            raise ConfigError(f"optim.network=single takes the optim defaults for the whole network; "
+                              f"remove {', '.join(set_keys)}")
+        return {f.name: getattr(optim, f.name) for f in dataclasses.fields(GroupConfig) if f.name != "follow"}
     own = getattr(optim, group)
+    if own.follow is not None:
+        if own.follow == group or own.follow in _seen:
+            raise ConfigError(f"optim.{group}.follow={own.follow!r} is circular")
+        base = group_settings(optim, own.follow, _seen + (group,))
+        others = [f.name for f in dataclasses.fields(GroupConfig) if f.name != "follow" and getattr(own, f.name) is not None]
+        if others:
+            raise ConfigError(f"optim.{group} follows {own.follow!r}: it cannot also set {', '.join(others)}")
+        return base
     out = {}
     for f in dataclasses.fields(GroupConfig):
+        if f.name == "follow":
+            continue
         value = getattr(own, f.name)
         out[f.name] = getattr(optim, f.name) if value is None else value
     return out

@@ -41,7 +41,14 @@ from tqdm.auto import tqdm
 
 from hapkit.data import build_eval_sets, build_train_set, spread_subset
 from hapkit.losses.base import HapkitLoss
-from hapkit.training.checkpoint import load_checkpoint, rng_state, save_atomic, seed_everything, set_rng_state
+from hapkit.training.checkpoint import (
+    load_resumable,
+    previous_path,
+    rng_state,
+    save_atomic,
+    seed_everything,
+    set_rng_state,
+)
 from hapkit.training.config import ConfigError, Recipe, to_dict
 from hapkit.training.distributed import (
     DistContext,
@@ -51,9 +58,10 @@ from hapkit.training.distributed import (
     gather_with_grad,
     init_distributed,
 )
+from hapkit.training.config import network_groups
 from hapkit.training.loading import make_train_loader
 from hapkit.training.models import build_model
-from hapkit.training.optim import build_group
+from hapkit.training.optim import build_optimizers
 
 __all__ = [
     "Trainer",
@@ -131,10 +139,12 @@ def loss_names() -> list[str]:
             and issubclass(getattr(losses, n), HapkitLoss) and getattr(losses, n) is not HapkitLoss]
 
 
-def build_loss(cfg: Recipe, train_labels: np.ndarray, seed: int | None = None) -> HapkitLoss:
+def build_loss(cfg: Recipe, train_labels: np.ndarray, seed: int | None = None,
+               embedding_size: int | None = None) -> HapkitLoss:
     """The recipe's loss. What comes from the training data (class counts, embedding size,
     hierarchy, seed) is filled by the loss class itself (:meth:`HapkitLoss.training_kwargs`) when
-    the recipe leaves it out.
+    the recipe leaves it out; ``embedding_size`` is the built model's (default
+    ``model.embedding_size``).
 
     ``cfg.loss.name`` is a loss class of :mod:`hapkit.losses` (HAPPIER, ROADMAP, SupAP, SmoothAP,
     ListwiseAP, SupRecall, SupNDCG, HierarchicalProxyLoss, CSLLoss, ...).
@@ -154,7 +164,8 @@ def build_loss(cfg: Recipe, train_labels: np.ndarray, seed: int | None = None) -
         raise ConfigError(
             f"loss.kwargs: {name} has no argument {', '.join(map(repr, unknown))}; its arguments are {', '.join(valid)}"
         )
-    kwargs = cls.training_kwargs(dict(cfg.loss.kwargs), np.asarray(train_labels), cfg.model.embedding_size,
+    kwargs = cls.training_kwargs(dict(cfg.loss.kwargs), np.asarray(train_labels),
+                                 cfg.model.embedding_size if embedding_size is None else embedding_size,
                                  cfg.seed if seed is None else seed)
     try:
         return cls(**kwargs)
@@ -164,30 +175,60 @@ def build_loss(cfg: Recipe, train_labels: np.ndarray, seed: int | None = None) -
 
 def build_sampler(cfg: Recipe, labels: np.ndarray, rank: int = 0, world_size: int = 1):
     """The recipe's batch sampler over the training labels (hapkit.data samplers); with several
-    processes, each takes its slice of every global batch."""
+    processes, each takes its slice of every global batch. A sampler the training set cannot
+    serve (too few fine classes in a super-class, too few classes) is a :class:`ConfigError`
+    raised before any training, saying which recipe values to change."""
     from hapkit.data import HierarchicalBatchSampler, MPerClassBatchSampler
 
     d = cfg.data
-    if d.sampler == "hierarchical":
-        if labels.shape[1] < 2:
-            raise ConfigError(
-                "data.sampler=hierarchical needs at least two label levels; use m_per_class"
+    try:
+        if d.sampler == "hierarchical":
+            if labels.shape[1] < 2:
+                raise ConfigError("data.sampler=hierarchical needs at least two label levels; use m_per_class")
+            return HierarchicalBatchSampler(
+                labels,
+                batch_size=d.batch_size,
+                samples_per_class=d.samples_per_class,
+                super_classes_per_batch=d.super_classes_per_batch,
+                batches_per_super_tuple=d.batches_per_super_tuple,
+                seed=cfg.seed,
+                column=d.sampler_column,
+                num_replicas=world_size,
+                rank=rank,
             )
-        return HierarchicalBatchSampler(
-            labels,
-            batch_size=d.batch_size,
-            samples_per_class=d.samples_per_class,
-            super_classes_per_batch=d.super_classes_per_batch,
-            batches_per_super_tuple=d.batches_per_super_tuple,
-            seed=cfg.seed,
-            column=d.sampler_column,
-            num_replicas=world_size,
-            rank=rank,
-        )
-    if d.sampler == "m_per_class":
-        return MPerClassBatchSampler(labels, batch_size=d.batch_size, m=d.samples_per_class, seed=cfg.seed,
-                                     num_replicas=world_size, rank=rank)
+        if d.sampler == "m_per_class":
+            # the reference samplers skip the classes with fewer than m images: say how many
+            sampler = MPerClassBatchSampler(
+                labels, batch_size=d.batch_size, m=d.samples_per_class, seed=cfg.seed, drop_small_classes=True,
+                fill=d.m_per_class_fill, max_per_class=d.max_per_class, num_replicas=world_size, rank=rank,
+            )
+            if sampler.dropped_classes:
+                warnings.warn(
+                    f"m_per_class sampler: {sampler.dropped_classes} training class(es) have fewer than "
+                    f"{d.samples_per_class} images and are never sampled (as in the reference samplers)",
+                    RuntimeWarning, stacklevel=2,
+                )
+            return sampler
+    except ValueError as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(
+            f"recipe {cfg.name}: data.sampler={d.sampler} cannot make batches from this training set of "
+            f"{d.dataset}: {e}. Change the recipe's data.batch_size, data.samples_per_class or "
+            f"data.super_classes_per_batch (--set data.batch_size=...), or use data.sampler=m_per_class."
+        ) from e
     raise ConfigError(f"data.sampler must be hierarchical or m_per_class, got {d.sampler!r}")
+
+
+def parameter_groups(cfg: Recipe, model: nn.Module, loss_fn: nn.Module) -> dict[str, list]:
+    """The recipe's parameter groups: ``backbone`` and ``head`` (or ``net``, the whole network,
+    with ``optim.network: single``) and the loss's own group when it has learnable parameters."""
+    if network_groups(cfg.optim) == ("net",):
+        groups = {"net": list(model.parameters())}
+    else:
+        groups = {"backbone": list(model.backbone_parameters()), "head": list(model.head_parameters())}
+    groups[loss_fn.parameter_group] = list(loss_fn.parameters())
+    return groups
 
 
 def _dataset_labels(dataset) -> np.ndarray:
@@ -208,20 +249,25 @@ def evaluate_model(
     metrics=None,
     max_items: int | None = None,
     progress: bool = True,
+    columns=None,
+    ks=(1, 4, 16),
+    overall: bool = False,
 ) -> dict:
     """Embed each eval set with ``model`` and evaluate it; returns flat ``{"<set>/<metric>": value}``.
 
     An eval set has ``name``, ``query``, ``gallery`` (None = same-set protocol) and
-    ``label_column`` (None = all columns) like :class:`hapkit.data.EvalSet`. With several sets
-    that share the same metrics (DyML's per-level benchmarks), an ``overall/<metric>`` mean is
-    added.
+    ``label_column`` (None = the label columns ``columns``, default all) like
+    :class:`hapkit.data.EvalSet`; when its gallery holds the queries (DyML), each query's own copy
+    is left out of its ranking. With several sets (DyML's per-level benchmarks) an
+    ``overall/<metric>`` mean over the sets is added; with one set and ``overall``, the mean of
+    each binary metric over the evaluated columns (``overall/AP``, ``overall/R@10``, ...), as the
+    official ``overall_accuracy`` hooks do.
     """
     from hapkit.evaluate import evaluate, extract_embeddings
 
     def embed(ds):
-        ds = spread_subset(ds, max_items)
         loader = torch.utils.data.DataLoader(
-            ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+            spread_subset(ds, max_items), batch_size=batch_size, shuffle=False, num_workers=num_workers,
             pin_memory=torch.device(device or "cpu").type == "cuda",
         )
         return extract_embeddings(model, loader, device=device, amp=amp, progress=progress)
@@ -231,12 +277,16 @@ def evaluate_model(
     for es in eval_sets:
         q_emb, q_lab = embed(es.query)
         g_emb = g_lab = None
+        options = {}
         if getattr(es, "gallery", None) is not None:
             g_emb, g_lab = embed(es.gallery)
+            own = es.gallery_exclude() if hasattr(es, "gallery_exclude") else None
+            if own is not None:
+                options["gallery_exclude"] = _subset_exclusion(own, len(es.query), len(es.gallery), max_items)
         column = getattr(es, "label_column", None)
         res = evaluate(
             q_emb, q_lab, gallery_embeddings=g_emb, gallery_labels=g_lab, metrics=metrics,
-            columns=None if column is None else [column], device=device, progress=progress,
+            columns=columns if column is None else [column], ks=ks, device=device, progress=progress, **options,
         )
         summary = {k: float(v) for k, v in res.summary.items()}
         per_set.append(summary)
@@ -245,7 +295,31 @@ def evaluate_model(
         common = set.intersection(*(set(s) for s in per_set))
         for k in sorted(common):
             out[f"overall/{k}"] = float(np.mean([s[k] for s in per_set]))
+    elif overall and per_set:
+        out.update({f"overall/{k}": v for k, v in column_means(per_set[0]).items()})
     return out
+
+
+def column_means(summary: dict) -> dict:
+    """Mean of each binary metric over the label columns it was computed at: ``AP@0``, ``AP@1``
+    -> ``AP``; ``R@10@0``, ``R@10@1`` -> ``R@10`` (graded metrics such as H-AP are left out)."""
+    groups: dict[str, list[float]] = {}
+    for name, value in summary.items():
+        head, sep, col = name.rpartition("@")
+        if sep and col.isdigit() and head:
+            groups.setdefault(head, []).append(value)
+    return {head: float(np.mean(values)) for head, values in groups.items() if len(values) > 1}
+
+
+def _subset_exclusion(own: np.ndarray, n_query: int, n_gallery: int, max_items) -> np.ndarray:
+    """The own-copy indices of the evenly spread query / gallery subsets that are evaluated."""
+    from hapkit.data import spread_indices
+
+    q_idx, g_idx = spread_indices(n_query, max_items), spread_indices(n_gallery, max_items)
+    position = np.full(n_gallery, -1, dtype=np.int64)
+    position[g_idx] = np.arange(len(g_idx))
+    picked = own[q_idx]
+    return np.where(picked >= 0, position[np.clip(picked, 0, None)], -1)
 
 
 def read_history(run_dir) -> pd.DataFrame:
@@ -328,19 +402,16 @@ class Trainer:
         self.model = self.model.to(self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.loss_fn = build_loss(cfg, self.train_labels).to(self.device)
+        self.loss_fn = build_loss(cfg, self.train_labels, embedding_size=self.model.embedding_size).to(self.device)
 
-        epochs = cfg.train.epochs
-        self.optimizers: dict[str, torch.optim.Optimizer] = {}
-        self.schedulers: dict = {}
-        for group, params in (
-            ("backbone", self.model.backbone_parameters()),
-            ("head", self.model.head_parameters()),
-            (self.loss_fn.parameter_group, self.loss_fn.parameters()),
-        ):
-            opt, sched = build_group(params, cfg.optim, group, epochs)
-            if opt is not None:
-                self.optimizers[group], self.schedulers[group] = opt, sched
+        self.group_params = parameter_groups(cfg, self.model, self.loss_fn)
+        self.optimizers, self.schedulers = build_optimizers(cfg.optim, self.group_params, cfg.train.epochs)
+        unknown = [g for g in cfg.train.warmup_frozen if g not in self.group_params] if cfg.train.warmup_epochs else []
+        if unknown:
+            raise ConfigError(
+                f"train.warmup_frozen names {unknown}, not parameter groups of this recipe "
+                f"({', '.join(self.group_params)})"
+            )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self._params = [p for p in self.model.parameters()] + [p for p in self.loss_fn.parameters()]
 
@@ -441,7 +512,7 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         state = self.state_dict()  # collective with several processes: every rank builds it
         if self.dist.is_main:
-            save_atomic(state, self.checkpoint_path)
+            save_atomic(state, self.checkpoint_path, keep_previous=True)
         barrier(self.dist)
         return self.checkpoint_path
 
@@ -460,8 +531,11 @@ class Trainer:
         self._stop_requested = True
 
     def _set_warmup(self, frozen: bool) -> None:
-        for p in self.model.backbone_parameters():
-            p.requires_grad_(not frozen)
+        # a group frozen for warm-up computes no gradient at all (the official loops compute its
+        # gradient and do not step its optimiser: the parameters move the same way)
+        for group in self.cfg.train.warmup_frozen:
+            for p in self.group_params.get(group, ()):
+                p.requires_grad_(not frozen)
         if self.dist.enabled and self._ddp_frozen != frozen:
             # DDP registers the parameters that require grad when it is built: rebuild per phase
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -480,13 +554,39 @@ class Trainer:
     def compute_loss(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss, embeddings) for this process's slice of the batch, the global batch as reference."""
         emb = self._forward(images).float()
+        return self.loss_from_embeddings(emb, labels), emb
+
+    def loss_from_embeddings(self, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The loss of this process's embeddings, ranked against the global batch when the loss
+        takes a reference set (gathered with gradient across processes)."""
         if self.dist.enabled and self.loss_fn.takes_reference_set:
             ref = gather_with_grad(emb)
             ref_labels = all_gather_nograd(labels)
-            loss = self.loss_fn(emb, labels, ref, ref_labels)
-        else:
-            loss = self.loss_fn(emb, labels)
-        return loss, emb
+            return self.loss_fn(emb, labels, ref, ref_labels)
+        return self.loss_fn(emb, labels)
+
+    def _backward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward and backward of one batch; (loss, embeddings), both detached. With
+        ``train.sub_batch`` the network runs on ``sub_batch`` images at a time (multi-stage
+        backpropagation) and the loss still sees the whole batch."""
+        sub = self.cfg.train.sub_batch
+        if not sub or sub >= images.shape[0]:
+            loss, emb = self.compute_loss(images, labels)
+            self.scaler.scale(loss).backward()
+            return loss.detach(), emb.detach()
+        from hapkit.losses.listwise_ap import multistage_backward
+
+        net = self._ddp if self._ddp is not None else self.model
+        box = {}
+
+        def loss_fn(embeddings, labels):
+            box["emb"] = embeddings.detach()
+            return self.loss_from_embeddings(embeddings, labels)
+
+        loss = multistage_backward(
+            net, images, labels, loss_fn, sub, scaler=self.scaler, forward=lambda x: self._forward(x).float(),
+        )
+        return loss, box["emb"]
 
     def _optimizer_step(self, frozen: bool) -> None:
         if self.dist.enabled:
@@ -495,7 +595,7 @@ class Trainer:
                 if p.grad is not None:
                     dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
                     p.grad.div_(self.dist.world_size)
-        active = [o for g, o in self.optimizers.items() if not (frozen and g == "backbone")]
+        active = [o for g, o in self.optimizers.items() if not (frozen and g in self.cfg.train.warmup_frozen)]
         if self.cfg.optim.grad_clip:
             for o in active:
                 self.scaler.unscale_(o)
@@ -535,8 +635,9 @@ class Trainer:
     def fit(self, resume: bool = False) -> TrainResult:
         """Train to ``cfg.train.epochs`` (continuing from the run's checkpoint if ``resume``)."""
         cfg = self.cfg
-        if resume and self.checkpoint_path.is_file():
-            self.load_state_dict(load_checkpoint(self.checkpoint_path, map_location=self.device))
+        if resume and (self.checkpoint_path.is_file() or previous_path(self.checkpoint_path).is_file()):
+            state, _ = load_resumable(self.checkpoint_path, map_location=self.device)
+            self.load_state_dict(state)
             self._trim_metrics_log()
         elif self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -585,11 +686,10 @@ class Trainer:
         for images, labels in self.loader:
             images = images.to(self.device, non_blocking=non_blocking, memory_format=fmt)
             labels = labels.to(self.device, non_blocking=non_blocking)
-            loss, emb = self.compute_loss(images, labels)
-            self.scaler.scale(loss).backward()
+            loss, emb = self._backward(images, labels)
             self._optimizer_step(frozen)
 
-            self._track_finite(loss.detach(), emb.detach())
+            self._track_finite(loss, emb)
             self._epoch_loss += all_reduce_mean(loss.detach()).double()
             self._epoch_steps += 1
             self.batch_in_epoch += 1
@@ -627,11 +727,12 @@ class Trainer:
             "time_s": elapsed,
             "images_per_s": n_images / elapsed if elapsed > 0 else float("nan"),
         }
-        with warnings.catch_warnings():
-            # a backbone frozen for warm-up has not stepped its optimiser: its schedule still advances
-            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
-            for s in self.schedulers.values():
-                s.step()
+        if self.epoch + 1 > cfg.train.warmup_epochs or cfg.train.warmup_schedules:
+            with warnings.catch_warnings():
+                # a group frozen for warm-up has not stepped its optimiser (warmup_schedules=true)
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+                for s in self.schedulers.values():
+                    s.step()
         last = self.epoch + 1 == cfg.train.epochs
         every = cfg.eval.every
         if (every and (self.epoch + 1) % every == 0) or (last and cfg.eval.at_end):
@@ -667,6 +768,9 @@ class Trainer:
                     metrics=self.cfg.eval.metrics,
                     max_items=self.cfg.eval.max_items,
                     progress=self.progress,
+                    columns=self.cfg.eval.columns,
+                    ks=self.cfg.eval.ks,
+                    overall=self.cfg.eval.overall,
                 )
             self.model.train(was_training)
         barrier(self.dist)

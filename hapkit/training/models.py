@@ -10,6 +10,10 @@ Backbones by name:
 - ``resnet18`` / ``resnet34`` / ``resnet50`` / ``resnet101`` from torchvision (ImageNet weights
   ``IMAGENET1K_V1``, the ones the published numbers were trained from);
 - ``timm:<model name>`` for any timm model when timm is installed, e.g. ``timm:deit_small_patch16_224``;
+- ``deit_small_distilled``: ROADMAP's DeiT-S (``vit_deit_distilled`` in ``roadmap/models/net.py``):
+  timm's plain ``deit_small_patch16_224`` initialised from the *distilled* DeiT-S weights, the
+  distillation token and its position embedding dropped; its class token (384-d, after the final
+  norm) is the embedding, with ``pooling: default`` and ``linear_head: false``;
 - ``small_cnn``: a four-block CNN for the embedded generated dataset, quick on a CPU.
 
 Pretrained weights are fetched through the torch hub cache. Offline, ``pretrained=True`` warns and
@@ -44,7 +48,7 @@ TORCHVISION_RESNETS = {
     "resnet50": "ResNet50_Weights",
     "resnet101": "ResNet101_Weights",
 }
-BACKBONES = (*TORCHVISION_RESNETS, "small_cnn", "timm:<name>")
+BACKBONES = (*TORCHVISION_RESNETS, "small_cnn", "deit_small_distilled", "timm:<name>")
 
 
 class PretrainedWeightsError(RuntimeError):
@@ -201,6 +205,37 @@ def _timm_backbone(name: str, pretrained, pooling: str) -> tuple[nn.Module, int]
     return _TimmTrunk(model, own), model.num_features
 
 
+def distilled_to_plain_deit(state: dict) -> dict:
+    """A distilled DeiT state dict (class + distillation tokens) for the plain DeiT architecture:
+    the position embedding of the distillation token (index 1) is removed, the distillation token
+    and its head are dropped (ROADMAP's ``vit_deit_distilled``)."""
+    out = {}
+    for key, value in state.items():
+        if key in ("dist_token",) or key.startswith("head_dist."):
+            continue
+        if key == "pos_embed":
+            value = torch.cat([value[:, :1], value[:, 2:]], dim=1)
+        out[key] = value
+    return out
+
+
+def _deit_small_distilled(pretrained) -> tuple[nn.Module, int]:
+    try:
+        import timm
+    except ImportError as e:
+        raise ImportError("backbone 'deit_small_distilled' needs timm: pip install 'hapkit[timm]'") from e
+    model = timm.create_model("deit_small_patch16_224", pretrained=False, num_classes=0)
+    if pretrained:
+        try:
+            teacher = timm.create_model("deit_small_distilled_patch16_224", pretrained=True)
+            missing, _ = model.load_state_dict(distilled_to_plain_deit(teacher.state_dict()), strict=False)
+            if missing:
+                raise RuntimeError(f"parameters missing from the distilled weights: {missing}")
+        except Exception as e:  # hub / network errors
+            _unavailable("deit_small_distilled", e, pretrained)
+    return _TimmTrunk(model, own_pooling=True), model.num_features
+
+
 def build_backbone(name: str, pretrained=True, pooling: str = "avg", width: int = 32) -> tuple[nn.Module, int]:
     """Return (trunk, feature_dim); the trunk maps images to a (B, C, H, W) feature map.
 
@@ -216,6 +251,10 @@ def build_backbone(name: str, pretrained=True, pooling: str = "avg", width: int 
         return net, net.num_features
     if name.startswith("timm:"):
         return _timm_backbone(name[len("timm:"):], pretrained, pooling)
+    if name == "deit_small_distilled":
+        if pooling != "default":
+            raise ValueError("backbone deit_small_distilled embeds with its class token: use model.pooling=default")
+        return _deit_small_distilled(pretrained)
     raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
 
 
@@ -231,15 +270,18 @@ def freeze_batchnorm(module: nn.Module) -> None:
 
 
 class EmbeddingModel(nn.Module):
-    """backbone -> pooling -> [LayerNorm] -> Linear -> [whitening] -> [L2 normalise].
+    """backbone -> pooling -> [LayerNorm] -> [dropout] -> [Linear] -> [whitening] -> [L2 normalise].
 
     Parameters
     ----------
     backbone : nn.Module returning (B, C, H, W) or already pooled (B, C) features.
     feature_dim : C.
-    embedding_size : output dimension (512 in HAPPIER/ROADMAP).
+    embedding_size : output dimension (512 in HAPPIER/ROADMAP); ignored without a linear head.
     pooling : "avg" | "max" | "gem" | "default" (the backbone pools itself).
     layer_norm : parameter-free LayerNorm on the pooled feature (HAPPIER, ROADMAP).
+    linear_head : the linear layer to ``embedding_size``; False: the pooled feature is the
+        embedding (ROADMAP's DeiT recipes, ``without_fc``).
+    dropout : dropout probability on the feature before the head (0: none).
     normalize : L2-normalise the output (default True; the losses expect it).
     freeze_bn : keep batch-norm statistics frozen during training (default for pretrained models).
 
@@ -257,16 +299,19 @@ class EmbeddingModel(nn.Module):
         layer_norm: bool = True,
         normalize: bool = True,
         freeze_bn: bool = True,
+        linear_head: bool = True,
+        dropout: float = 0.0,
     ):
         super().__init__()
         self.backbone = backbone
         self.pool = nn.Identity() if pooling == "default" else build_pooling(pooling, gem_p)
         self.norm = nn.LayerNorm(feature_dim, elementwise_affine=False) if layer_norm else nn.Identity()
-        self.head = nn.Linear(feature_dim, embedding_size)
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.head = nn.Linear(feature_dim, embedding_size) if linear_head else nn.Identity()
         self.whitening = nn.Identity()
         self.normalize = normalize
         self.freeze_bn = freeze_bn
-        self.embedding_size = embedding_size
+        self.embedding_size = embedding_size if linear_head else feature_dim
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -281,7 +326,7 @@ class EmbeddingModel(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.norm(self.features(images))
-        x = self.whitening(self.head(x))
+        x = self.whitening(self.head(self.dropout(x)))
         if self.normalize:
             # float32: the losses compare similarities at the 1e-2 scale of their temperature
             x = F.normalize(x.float(), dim=-1)
@@ -309,7 +354,7 @@ def build_model(cfg) -> EmbeddingModel:
     if not isinstance(cfg, ModelConfig):
         cfg = from_dict(ModelConfig, dict(cfg), "model")
     trunk, dim = build_backbone(cfg.backbone, cfg.pretrained, cfg.pooling, cfg.width)
-    if cfg.pooling == "default" and not cfg.backbone.startswith("timm:"):
+    if cfg.pooling == "default" and not (cfg.backbone.startswith("timm:") or cfg.backbone == "deit_small_distilled"):
         raise ValueError("model.pooling=default is for timm backbones; use avg, max or gem")
     return EmbeddingModel(
         trunk,
@@ -320,4 +365,6 @@ def build_model(cfg) -> EmbeddingModel:
         layer_norm=cfg.layer_norm,
         normalize=cfg.normalize,
         freeze_bn=cfg.freeze_batchnorm,
+        linear_head=cfg.linear_head,
+        dropout=cfg.dropout,
     )

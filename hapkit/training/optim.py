@@ -1,9 +1,11 @@
 """Optimisers and per-epoch learning-rate schedules for the parameter groups of a recipe.
 
-Each group (backbone, head, loss parameters) gets its own optimiser and scheduler, as in the
-official HAPPIER / ROADMAP configurations, where e.g. HAPPIER's cluster weights use Adam with
-lr 10 decayed to 0.1 while the network uses Adam with lr 1e-5..1e-4. Schedules step once per
-epoch.
+Each group (``backbone`` and ``head``, or ``net`` for the whole network, plus the loss's own
+parameters) gets its own optimiser and scheduler, as in the official HAPPIER / ROADMAP
+configurations: e.g. HAPPIER's cluster weights use Adam with lr 10 decayed to 0.1 on SOP while the
+network uses Adam with lr 5e-5 / 1e-4, and on iNaturalist they follow the head group
+(``optim.loss.follow: head``). Schedules step once per epoch; cosine schedules run over the
+recipe's number of epochs (the official ``T_max: ${max_iter}``).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import torch
 
 from hapkit.training.config import OptimConfig, group_settings
 
-__all__ = ["build_optimizer", "build_scheduler", "build_group"]
+__all__ = ["build_optimizer", "build_scheduler", "build_group", "build_optimizers"]
 
 
 def build_optimizer(params, settings: dict) -> torch.optim.Optimizer:
@@ -54,3 +56,14 @@ def build_group(params, optim: OptimConfig, group: str, epochs: int):
     settings = group_settings(optim, group)
     opt = build_optimizer(params, settings)
     return opt, build_scheduler(opt, settings, epochs)
+
+
+def build_optimizers(optim: OptimConfig, groups: dict, epochs: int) -> tuple[dict, dict]:
+    """One optimiser and one scheduler per named group of parameters (``{group: params}``), in
+    the order of ``groups``; groups without a parameter are left out."""
+    optimizers, schedulers = {}, {}
+    for group, params in groups.items():
+        opt, sched = build_group(params, optim, group, epochs)
+        if opt is not None:
+            optimizers[group], schedulers[group] = opt, sched
+    return optimizers, schedulers

@@ -19,7 +19,15 @@ import yaml
 
 from hapkit.training.config import ConfigError, Recipe, apply_overrides, from_dict
 
-__all__ = ["RECIPE_DIR", "list_recipes", "recipe_path", "read_recipe_dict", "load_recipe", "resolve_name"]
+__all__ = [
+    "RECIPE_DIR",
+    "list_recipes",
+    "recipe_path",
+    "read_recipe_dict",
+    "load_recipe",
+    "resolve_name",
+    "resolved_recipe",
+]
 
 RECIPE_DIR = Path(__file__).resolve().parent
 
@@ -117,3 +125,28 @@ def load_recipe(recipe: str, dataset: str | None = None, overrides=None) -> Reci
     except ConfigError as e:
         raise ConfigError(f"recipe {data.get('name', recipe)!r}: {e}") from None
     return apply_overrides(cfg, overrides)
+
+
+def resolved_recipe(cfg: Recipe) -> dict:
+    """Every field of ``cfg`` (``extends:`` applied) plus what the engine builds from it, as plain
+    data: ``resolved.optimizers`` (the settings of every parameter group, ``follow:`` resolved)
+    and ``resolved.transforms`` (the torchvision steps of the train and test pipelines)."""
+    import hapkit.losses as losses
+    from hapkit.data.builder import recipe_transform
+    from hapkit.data.transforms import describe_transforms
+    from hapkit.training.config import group_settings, network_groups, to_dict
+
+    groups = list(network_groups(cfg.optim))
+    loss_cls = getattr(losses, cfg.loss.name, None)
+    if getattr(loss_cls, "has_parameters", False):
+        groups.append(loss_cls.parameter_group)
+    return {
+        **to_dict(cfg),
+        "resolved": {
+            "optimizers": {g: group_settings(cfg.optim, g) for g in groups},
+            "transforms": {
+                "train": describe_transforms(recipe_transform(cfg.data, train=True)),
+                "test": describe_transforms(recipe_transform(cfg.data, train=False)),
+            },
+        },
+    }
