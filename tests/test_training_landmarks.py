@@ -15,7 +15,7 @@ from test_data_revisited import write_city, write_distractors
 def benchmark(tmp_path):
     write_city(tmp_path)
     write_distractors(tmp_path)
-    transform = build_transforms("imagenet", train=False, resize=(24, 24), crop=24)
+    transform = build_transforms("imagenet", train=False, resize=24, crop=None)  # Resize([24, 24])
     (s,) = get_eval_sets("roxford5k", root=tmp_path, transform=transform, distractors=True)
     return s
 
