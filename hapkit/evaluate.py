@@ -28,11 +28,13 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 
 from hapkit.hierarchy import LabelError, as_label_tensor, check_tree, relevance as relevance_fn, shared_levels
@@ -534,6 +536,358 @@ def evaluate(
     plan = _plan(inputs, metrics, columns, relevance, alpha, weights, ks, chunk_size, device, use_faiss)
     values = _run_chunks(inputs, plan, progress)
     return _results(values, inputs, plan, relevance, alpha, weights)
+
+
+# ----------------------------------------------------------------------------------------------
+# Landmark retrieval: the revisited Oxford / Paris protocol and test-time processing
+#
+# Radenović et al. (CVPR 2018) label every database image, per query, as easy, hard, junk
+# (unclear) or negative. Three protocols are read from the same ranking:
+#
+#   protocol  positives      ignored (removed from the ranking before scoring)
+#   easy      easy           junk + hard
+#   medium    easy + hard    junk
+#   hard      hard           junk + easy
+#
+# AP is the reference's trapezoidal form (revisitop's compute_ap): for the j-th positive (0-based)
+# at 0-based rank r of the list without ignored images, add ((j / r if r > 0 else 1) +
+# (j + 1) / (r + 1)) / 2 / |P|: the mean of the precision just before and just after each
+# positive. The standard (non-interpolated) AP adds (j + 1) / (r + 1) / |P| only; it is always at
+# least as large (one positive at rank 2: 0.5 standard, 0.25 trapezoidal). naver's evaluation
+# (Revaud et al., ICCV 2019, whose published numbers use it) scores with scikit-learn's standard
+# AP: pass ap="standard" to compare with those numbers.
+#
+# mP@k: #positives in the top min(k, rank of the last positive) / that number (1-based ranks of
+# the list without ignored images), so a query with 2 positives, both in the top 5, has P@5 = 1.
+
+__all__ += [
+    "evaluate_revisited", "REVISITED_PROTOCOLS", "revisited_ranking_metrics", "revisited_ranking_table",
+    "alpha_query_expansion", "combine_scales", "multiscale_embeddings", "extract_multiscale_embeddings",
+]
+
+REVISITED_PROTOCOLS = ("easy", "medium", "hard")
+_EASY, _HARD, _JUNK = 1, 2, 3
+_STATUS = {"easy": _EASY, "hard": _HARD, "junk": _JUNK, "negative": 0}
+# protocol -> (statuses counted as positives, statuses removed from the ranking)
+_ROLES = {
+    "easy": ((_EASY,), (_JUNK, _HARD)),
+    "medium": ((_EASY, _HARD), (_JUNK,)),
+    "hard": ((_HARD,), (_JUNK, _EASY)),
+}
+_AP_FORMS = ("trapezoid", "standard")
+
+# Query x gallery pairs per chunk: about 16 bytes each (scores, then sort order and inverse
+# permutation), i.e. ~130 MB on CPU whatever the gallery size; with R1M's million distractors a
+# chunk holds 8 queries.
+_REVISITED_CPU_PAIRS = 2**23
+_REVISITED_CUDA_PAIRS = 2**26
+
+
+def _revisited_protocols(protocols) -> list[str]:
+    if isinstance(protocols, str):
+        protocols = [protocols]
+    protocols = list(protocols)
+    bad = [p for p in protocols if p not in REVISITED_PROTOCOLS]
+    if bad or not protocols:
+        raise ValueError(f"unknown protocol(s) {bad}; choose among {list(REVISITED_PROTOCOLS)}")
+    return [p for p in REVISITED_PROTOCOLS if p in protocols]
+
+
+def _gnd_statuses(gnd, num_gallery: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Q, R) gallery indices (-1 padded) and their status (easy / hard / junk) for each query of
+    a revisited ground truth (a list of dicts with 'easy', 'hard' and 'junk' index lists)."""
+    if isinstance(gnd, Mapping) and "gnd" in gnd:
+        gnd = gnd["gnd"]  # the whole gnd_<name>.pkl content was passed
+    rows = []
+    for q, entry in enumerate(gnd):
+        if not isinstance(entry, Mapping) or "easy" not in entry or "hard" not in entry:
+            found = sorted(entry) if isinstance(entry, Mapping) else type(entry).__name__
+            raise ValueError(
+                f"gnd[{q}] must be a dict with 'easy', 'hard' and 'junk' gallery index lists (the revisited "
+                f"gnd_<name>.pkl format), got {found}; the classic Oxford/Paris files ('ok' lists) are not "
+                f"revisited ground truth"
+            )
+        seen: dict[int, str] = {}
+        for name in ("easy", "hard", "junk"):
+            idx = np.asarray(entry.get(name, []), dtype=np.float64).reshape(-1)
+            if idx.size and (np.any(idx != np.round(idx)) or idx.min() < 0 or idx.max() >= num_gallery):
+                bad = idx[(idx != np.round(idx)) | (idx < 0) | (idx >= num_gallery)][0]
+                raise ValueError(
+                    f"gnd[{q}]['{name}'] holds {bad:g}, not an index of the {num_gallery} gallery images "
+                    f"(0-based indices into imlist); is the gallery the dataset's imlist, in its order?"
+                )
+            for i in idx.astype(np.int64).tolist():
+                if seen.setdefault(i, name) != name:
+                    raise ValueError(
+                        f"gnd[{q}]: gallery image {i} is listed both as '{seen[i]}' and as '{name}'; each image "
+                        f"has one status per query"
+                    )
+        rows.append(seen)
+    if not rows:
+        raise ValueError("gnd is empty: no query to evaluate")
+    width = max(1, max(len(r) for r in rows))
+    items = torch.full((len(rows), width), -1, dtype=torch.int64)
+    status = torch.zeros((len(rows), width), dtype=torch.int8)
+    for q, seen in enumerate(rows):
+        if seen:
+            items[q, : len(seen)] = torch.tensor(list(seen.keys()))
+            status[q, : len(seen)] = torch.tensor([_STATUS[s] for s in seen.values()], dtype=torch.int8)
+    return items, status
+
+
+def _revisited_chunk_values(position, status, num_ranked, protocols, ks, ap) -> dict[str, torch.Tensor]:
+    """Per-query AP and P@k of a chunk from the 0-based positions of each query's labelled images
+    (``position`` (C, R), ``num_ranked`` for padding) and their status (C, R)."""
+    position, order = position.sort(dim=1)
+    status = status.gather(1, order)
+    valid = position < num_ranked
+    out: dict[str, torch.Tensor] = {}
+    for p in protocols:
+        pos_codes, ign_codes = _ROLES[p]
+        positive = torch.isin(status, torch.tensor(pos_codes, dtype=status.dtype)) & valid
+        ignored = torch.isin(status, torch.tensor(ign_codes, dtype=status.dtype)) & valid
+        # the rank among the images that stay, and the number of positives ranked before
+        r = (position - (ignored.cumsum(1) - ignored.long())).double()
+        j = (positive.cumsum(1) - positive.long()).double()
+        n_pos = positive.sum(1)
+        after = (j + 1) / (r + 1)
+        if ap == "trapezoid":
+            before = torch.where(r > 0, j / r.clamp(min=1), torch.ones_like(r))
+            terms = (before + after) / 2
+        else:
+            terms = after
+        empty = n_pos == 0
+        nan = torch.full(n_pos.shape, float("nan"), dtype=torch.float64)
+        out[f"AP@{p}"] = torch.where(empty, nan, (terms * positive).sum(1) / n_pos.clamp(min=1))
+        rank1 = torch.where(positive, r + 1, torch.zeros_like(r))  # 1-based, 0 off the positives
+        last = rank1.max(1).values
+        for k in ks:
+            cut = last.clamp(max=k)
+            hits = (positive & (rank1 <= cut[:, None])).sum(1)
+            out[f"P@{k}@{p}"] = torch.where(empty, nan, hits / cut.clamp(min=1))
+    return out
+
+
+def evaluate_revisited(
+    query_embeddings,
+    gallery_embeddings,
+    gnd,
+    ks: Sequence[int] = (1, 5, 10),
+    distractor_embeddings=None,
+    *,
+    protocols: Sequence[str] = REVISITED_PROTOCOLS,
+    ap: str = "trapezoid",
+    chunk_size: int | None = None,
+    device=None,
+    progress: bool = True,
+) -> RetrievalResults:
+    """The revisited Oxford / Paris protocol (Radenović et al., CVPR 2018): mAP and mP@k under the
+    Easy, Medium and Hard protocols, exact, streamed over chunks of queries.
+
+    Args:
+        query_embeddings: (Q, D) embeddings of the (cropped) query images.
+        gallery_embeddings: (G, D) embeddings of the database images, in the order of the ground
+            truth's ``imlist``.
+        gnd: one dict per query with the 0-based gallery index lists ``easy``, ``hard`` and
+            ``junk`` (the ``gnd`` list of the official ``gnd_<name>.pkl``; the whole file content
+            is accepted too).
+        ks: the k of mP@k (default 1, 5, 10 as revisitop).
+        distractor_embeddings: (M, D) extra database images related to no query (R1M); they only
+            extend the gallery, so memory stays bounded by the chunk size.
+        protocols: a subset of ``("easy", "medium", "hard")``.
+        ap: ``"trapezoid"`` (the reference's form, default) or ``"standard"`` (non-interpolated AP,
+            the one of naver's evaluation; see the comment at the head of this section).
+        chunk_size: queries per chunk (default: about 8M query x gallery pairs on CPU, 64M on GPU).
+        device: where to compute (default: the embeddings' device).
+        progress: show a tqdm progress bar.
+
+    Returns:
+        :class:`RetrievalResults` with ``summary`` ``mAP@{protocol}`` and ``mP@{k}@{protocol}``,
+        ``per_query`` columns ``AP@{protocol}`` and ``P@{k}@{protocol}``, and ``skipped``: a query
+        with no positive under a protocol (e.g. no hard image) is NaN in ``per_query`` and left
+        out of that protocol's means, as in the reference. Ties in scores are broken by gallery
+        index (the lower first; distractors come after the gallery).
+    """
+    protocols = _revisited_protocols(protocols)
+    if ap not in _AP_FORMS:
+        raise ValueError(f"ap must be one of {_AP_FORMS}, got {ap!r}")
+    ks = _resolve_ks(ks)
+    queries = _as_embeddings(query_embeddings, "query_embeddings")
+    gallery = _as_embeddings(gallery_embeddings, "gallery_embeddings")
+    parts = [gallery]
+    if distractor_embeddings is not None:
+        parts.append(_as_embeddings(distractor_embeddings, "distractor_embeddings"))
+    for name, t in zip(("gallery_embeddings", "distractor_embeddings"), parts):
+        if t.shape[1] != queries.shape[1]:
+            raise ValueError(f"query embeddings have dimension {queries.shape[1]} but {name} {t.shape[1]}")
+    items, status = _gnd_statuses(gnd, gallery.shape[0])
+    if items.shape[0] != queries.shape[0]:
+        raise ValueError(f"gnd describes {items.shape[0]} queries but query_embeddings has {queries.shape[0]} rows")
+
+    dev = torch.device(device) if device is not None else queries.device
+    dtype = torch.promote_types(torch.promote_types(queries.dtype, gallery.dtype), torch.float32)
+    ranked = torch.cat([t.to(dev, dtype) for t in parts])
+    num_ranked = ranked.shape[0]
+    if chunk_size is None:
+        budget = _REVISITED_CUDA_PAIRS if dev.type == "cuda" else _REVISITED_CPU_PAIRS
+        chunk_size = max(1, budget // num_ranked)
+    if int(chunk_size) < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    chunk_size = int(chunk_size)
+
+    Q = queries.shape[0]
+    names = [f"AP@{p}" for p in protocols] + [f"P@{k}@{p}" for p in protocols for k in ks]
+    values = torch.full((len(names), Q), float("nan"), dtype=torch.float64)
+    for start in tqdm(range(0, Q, chunk_size), desc="evaluate", unit="chunk", disable=not progress, leave=False):
+        stop = min(start + chunk_size, Q)
+        scores = queries[start:stop].to(dev, dtype) @ ranked.T
+        order = scores.argsort(dim=1, descending=True, stable=True)
+        del scores
+        # position[q, g] = rank of gallery image g for query q (the inverse permutation of order)
+        position = torch.empty_like(order).scatter_(1, order, torch.arange(num_ranked, device=dev).expand_as(order))
+        del order
+        chunk_items = items[start:stop].to(dev)
+        labelled = position.gather(1, chunk_items.clamp(min=0))
+        del position
+        labelled = torch.where(chunk_items >= 0, labelled, torch.full_like(labelled, num_ranked))
+        out = _revisited_chunk_values(labelled.cpu(), status[start:stop], num_ranked, protocols, ks, ap)
+        for i, name in enumerate(names):
+            values[i, start:stop] = out[name]
+
+    per_query = pd.DataFrame({n: values[i].numpy() for i, n in enumerate(names)})
+    per_query.index.name = "query"
+    summary, skipped = {}, {}
+    for col in names:  # summary name = "m" + column: mAP@medium, mP@5@hard, ...
+        kept = per_query[col].dropna()
+        summary["m" + col] = float(kept.mean()) if len(kept) else float("nan")
+        if len(kept) < Q:
+            skipped["m" + col] = Q - len(kept)
+    settings = dict(
+        protocol="revisited", protocols=protocols, ap=ap, num_gallery=num_ranked,
+        num_distractors=num_ranked - gallery.shape[0], ks=ks, chunk_size=chunk_size, device=str(dev),
+    )
+    return RetrievalResults(summary=summary, per_query=per_query, num_queries=Q, skipped=skipped, settings=settings)
+
+
+def _ranking_problem(ranking: Sequence[str]):
+    """One query whose gallery is ranked exactly as ``ranking`` (statuses, rank 1 first)."""
+    bad = sorted({s for s in ranking if s not in _STATUS})
+    if bad:
+        raise ValueError(f"unknown status(es) {bad} in the ranking; use {list(_STATUS)}")
+    n = len(ranking)
+    gallery = torch.arange(n, 0, -1, dtype=torch.float64)[:, None]  # decreasing scores
+    gnd = [{s: [i for i, x in enumerate(ranking) if x == s] for s in ("easy", "hard", "junk")}]
+    return torch.ones(1, 1, dtype=torch.float64), gallery, gnd
+
+
+def revisited_ranking_metrics(ranking: Sequence[str], ks: Sequence[int] = (1, 5, 10), ap: str = "trapezoid") -> dict[str, float]:
+    """AP and P@k under each protocol of one ranking written as statuses, rank 1 first:
+    ``["easy", "junk", "negative", "hard", ...]`` (NaN where the protocol has no positive)."""
+    q, g, gnd = _ranking_problem(ranking)
+    res = evaluate_revisited(q, g, gnd, ks=ks, ap=ap, progress=False)
+    return {k: float(v) for k, v in res.per_query.iloc[0].items()}
+
+
+def revisited_ranking_table(ranking: Sequence[str], protocol: str = "medium") -> pd.DataFrame:
+    """The revisited AP of one ranking (statuses, rank 1 first) under ``protocol``, rank by rank:
+    each image's role, its rank once the ignored images are removed, the precision just before
+    and just after it and its trapezoidal and standard AP terms (their sums are the two APs)."""
+    (protocol,) = _revisited_protocols([protocol])
+    q, g, gnd = _ranking_problem(ranking)
+    pos_codes, ign_codes = _ROLES[protocol]
+    n_pos = sum(_STATUS[s] in pos_codes for s in ranking)
+    rows, kept, found = [], 0, 0
+    for i, s in enumerate(ranking):
+        role = "positive" if _STATUS[s] in pos_codes else "ignored" if _STATUS[s] in ign_codes else "negative"
+        row = {"rank": i + 1, "status": s, "role": role, "rank without ignored": pd.NA,
+               "precision before": np.nan, "precision after": np.nan, "trapezoid term": 0.0, "standard term": 0.0}
+        if role != "ignored":
+            row["rank without ignored"] = kept + 1
+            if role == "positive":
+                before = found / kept if kept else 1.0
+                after = (found + 1) / (kept + 1)
+                row.update({"precision before": before, "precision after": after,
+                            "trapezoid term": (before + after) / 2 / n_pos, "standard term": after / n_pos})
+                found += 1
+            kept += 1
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("rank")
+
+
+def alpha_query_expansion(query_embeddings, gallery_embeddings, k: int, alpha: float, chunk_size: int | None = None) -> torch.Tensor:
+    """α-query expansion (Radenović et al., TPAMI 2018; naver's ``--aqe K ALPHA``): each query is
+    replaced by ``q + Σ_j s_j^α d_j`` over its k most similar gallery images d_j (similarity s_j),
+    L2-normalised. ``alpha = 0`` is average query expansion; ``k = 0`` returns the queries.
+
+    Similarities below zero weigh 0 (naver raises them to an integer power, which keeps the sign
+    for odd α; the k nearest neighbours of a query are in practice all positive). Pass the
+    gallery with its distractors for R1M: memory stays bounded by chunks of queries.
+    """
+    queries = _as_embeddings(query_embeddings, "query_embeddings")
+    gallery = _as_embeddings(gallery_embeddings, "gallery_embeddings").to(queries.device, queries.dtype)
+    if k < 0 or alpha < 0:
+        raise ValueError(f"k and alpha must be non-negative, got k={k}, alpha={alpha}")
+    if k == 0:
+        return queries.clone()
+    k = min(int(k), gallery.shape[0])
+    budget = _REVISITED_CUDA_PAIRS if queries.device.type == "cuda" else _REVISITED_CPU_PAIRS
+    step = int(chunk_size) if chunk_size is not None else max(1, budget // gallery.shape[0])
+    out = torch.empty_like(queries)
+    for start in range(0, queries.shape[0], step):
+        q = queries[start:start + step]
+        sims, idx = (q @ gallery.T).topk(k, dim=1)
+        weights = sims.clamp(min=0).pow(alpha)
+        out[start:start + step] = F.normalize(q + (weights[:, :, None] * gallery[idx]).sum(1), dim=1)
+    return out
+
+
+def combine_scales(embeddings: Sequence[torch.Tensor], power: float = 3.0) -> torch.Tensor:
+    """One embedding from several scales: the signed power mean ``sign(m)|m|^(1/p)`` of
+    ``m = mean_s sign(x_s)|x_s|^p`` (naver's ``--pooling gem --gemp 3``, p = 3), L2-normalised;
+    p = 1 is the plain mean (what SupRank's multi-scale code computes). One scale: itself,
+    normalised."""
+    x = torch.stack([e.float() for e in embeddings])
+    if x.shape[0] > 1:
+        def signed_power(t, p):
+            return t.sign() * t.abs().clamp(min=1e-6).pow(p)
+
+        x = signed_power(signed_power(x, power).mean(0), 1.0 / power)[None]
+    return F.normalize(x[0], dim=-1)
+
+
+def multiscale_embeddings(model, images: torch.Tensor, scales: Sequence[float] = (1.0, 2**-0.5, 0.5), power: float = 3.0) -> torch.Tensor:
+    """``model``'s embeddings of a batch at each scale (bilinear resize of the image tensor,
+    ``align_corners=False``, sides rounded), combined by :func:`combine_scales`. The default scales
+    1, 1/√2, 1/2 are those of SupRank's landmark evaluation."""
+    if not scales or any(s <= 0 for s in scales):
+        raise ValueError(f"scales must be positive, got {list(scales)}")
+    h, w = images.shape[-2:]
+    outs = []
+    for s in scales:
+        x = images
+        if s != 1:
+            size = (max(1, int(round(h * s))), max(1, int(round(w * s))))
+            x = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+        outs.append(model(x))
+    return combine_scales(outs, power)
+
+
+class _MultiScale(nn.Module):
+    def __init__(self, model, scales, power):
+        super().__init__()
+        self.model, self.scales, self.power = model, tuple(scales), power
+        self.train(model.training)
+
+    def forward(self, images):
+        return multiscale_embeddings(self.model, images, self.scales, self.power)
+
+
+def extract_multiscale_embeddings(
+    model, loader, scales: Sequence[float] = (1.0, 2**-0.5, 0.5), power: float = 3.0, **kwargs
+):
+    """:func:`extract_embeddings` with every batch embedded at several scales
+    (:func:`multiscale_embeddings`); ``kwargs`` go to :func:`extract_embeddings`."""
+    return extract_embeddings(_MultiScale(model, scales, power), loader, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -172,7 +172,8 @@ def test_prepare_generated_renders_the_cache(tmp_path):
 
 def test_data_scripts_are_thin_wrappers(tmp_path, capsys):
     scripts = sorted(p.name for p in (REPO / "data_scripts").glob("prepare_*.py"))
-    assert scripts == ["prepare_cifar100.py", "prepare_cub.py", "prepare_dyml.py", "prepare_inaturalist.py", "prepare_sop.py"]
+    assert scripts == ["prepare_cifar100.py", "prepare_cub.py", "prepare_dyml.py", "prepare_gldv2.py", "prepare_inaturalist.py",
+                       "prepare_revisited.py", "prepare_sfm120k.py", "prepare_sop.py"]
     ns = runpy.run_path(str(REPO / "data_scripts" / "prepare_dyml.py"), run_name="imported")
     assert ns["main"] is P.main
     assert P.main(["--name", "dyml_product", "--root", str(tmp_path)], names=["dyml_vehicle", "dyml_product"]) == 2

@@ -9,7 +9,7 @@ from hapkit.data import EvalSet, InMemoryImageDataset
 from hapkit.hierarchy import LabelError
 
 NAMES = ["generated", "sop", "inaturalist", "inaturalist_full", "dyml_vehicle", "dyml_animal", "dyml_product",
-         "cub", "cub_hierarchy", "cifar100"]
+         "cub", "cub_hierarchy", "cifar100", "roxford5k", "rparis6k", "revisitop1m", "sfm120k", "gldv2", "gldv2_hier"]
 
 
 def test_names_and_unknown_name_lists_them():
@@ -66,3 +66,4 @@ def test_eval_set_label_column():
     assert EvalSet("all", ds).label_column is None
     assert EvalSet("b", ds, column=1).label_column == 1
     assert EvalSet("b", single, single, column=1).label_column == 0
+    assert EvalSet("all", ds).gnd is None and EvalSet("all", ds).distractors is None  # landmark benchmarks only

@@ -70,6 +70,28 @@ def test_pooling_matches_its_definition(kind):
     torch.testing.assert_close(pool(x), expected)
 
 
+def test_gem_is_the_reference_formula_with_its_clamp():
+    # Radenović et al. / naver's GeneralizedMeanPoolingP: (avg_pool(clamp(x, eps)^p))^(1/p) per channel
+    x = torch.randn(2, 4, 5, 3)  # negative activations are clamped to eps, not raised to p
+    gem = GeM(p=2.5, eps=1e-6)
+    expected = torch.nn.functional.avg_pool2d(x.clamp(min=1e-6).pow(2.5), (5, 3)).pow(1 / 2.5).flatten(1)
+    torch.testing.assert_close(gem(x), expected)
+    (gem(x).sum()).backward()
+    p = torch.tensor(2.5, requires_grad=True)
+    x.clamp(min=1e-6).pow(p).mean((2, 3)).pow(1 / p).sum().backward()
+    torch.testing.assert_close(gem.p.grad, p.grad)  # the exponent learns with the reference's gradient
+
+
+def test_resnet101_gem_is_revauds_architecture(offline):
+    # ResNet-101 -> GeM (p = 3, learnable) -> FC 2048 -> 2048 with bias -> L2 (naver's Resnet101-AP-GeM)
+    model = build_model(ModelConfig(backbone="resnet101", pretrained=False, pooling="gem", layer_norm=False,
+                                    embedding_size=2048)).eval()
+    assert isinstance(model.pool, GeM) and model.pool.p.item() == 3.0
+    assert model.head.in_features == 2048 and model.head.bias is not None
+    e = model(torch.rand(1, 3, 64, 64))
+    assert e.shape == (1, 2048) and torch.allclose(e.norm(dim=1), torch.ones(1))
+
+
 def test_gem_exponent_is_learnable_and_in_the_backbone_group():
     model = build_model(small_cfg(pooling="gem"))
     assert isinstance(model.pool, GeM)

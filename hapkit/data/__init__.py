@@ -2,7 +2,9 @@
 
 - :func:`get_dataset` / :func:`get_eval_sets` by name: "generated" (embedded, no download),
   "sop", "inaturalist", "inaturalist_full", "dyml_vehicle", "dyml_animal", "dyml_product",
-  "cub", "cub_hierarchy", "cifar100".
+  "cub", "cub_hierarchy", "cifar100"; landmarks: "roxford5k", "rparis6k" (revisited
+  benchmarks with their ground truth), "revisitop1m" (R1M distractors), "sfm120k", "gldv2",
+  "gldv2_hier" (training sets).
 - :func:`prepare` downloads / lays out a real dataset (``hapkit prepare-data NAME --root DIR``).
 - :class:`HierarchicalBatchSampler`, :class:`MPerClassBatchSampler`: seeded batch samplers
   with resume.

@@ -270,6 +270,12 @@ class EvalSet:
       drops each query's top-ranked gallery item, taken to be the query itself; hapkit removes
       the gallery item with the query's file name (:meth:`gallery_exclude`), which agrees
       whenever the copy ranks first.
+    - ``gnd`` given: a landmark benchmark with per-query ground truth (revisited Oxford / Paris).
+      ``query`` holds the query images cropped to their box, ``gallery`` the database in the
+      ground truth's order, and ``gnd`` one dict per query with the gallery index lists
+      ``easy``, ``hard`` and ``junk``; evaluate it with :func:`hapkit.evaluate.evaluate_revisited`
+      (the labels are not used). ``distractors`` (optional): images related to no query that
+      only extend the gallery (the R1M distractors).
     """
 
     name: str
@@ -277,6 +283,8 @@ class EvalSet:
     gallery: HierarchicalDataset | None = None
     column: int | None = None
     gallery_contains_queries: bool = False
+    gnd: list[dict] | None = None
+    distractors: HierarchicalDataset | None = None
 
     @property
     def label_column(self) -> int | None:

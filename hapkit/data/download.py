@@ -110,8 +110,12 @@ def download(
     return dest
 
 
-def extract(archive, dest, progress: bool = True) -> Path:
-    """Extract a .zip / .tar(.gz) ``archive`` into ``dest`` (members must stay inside ``dest``)."""
+def extract(archive, dest, progress: bool = True, keep=None) -> Path:
+    """Extract a .zip / .tar(.gz) ``archive`` into ``dest`` (members must stay inside ``dest``).
+
+    ``keep``: optional predicate on a member's name; members it rejects are not written (e.g. the
+    images of a large archive that no annotation file lists).
+    """
     archive, dest = Path(archive), Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     root = dest.resolve()
@@ -125,6 +129,8 @@ def extract(archive, dest, progress: bool = True) -> Path:
         with zipfile.ZipFile(archive) as zf:
             members = zf.infolist()
             for m in tqdm(members, desc=f"extracting {archive.name}", disable=not progress, unit="file"):
+                if keep is not None and not keep(m.filename):
+                    continue
                 _safe(m.filename)
                 zf.extract(m, dest)
     elif tarfile.is_tarfile(archive):
@@ -132,6 +138,8 @@ def extract(archive, dest, progress: bool = True) -> Path:
         safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
         with tarfile.open(archive) as tf:
             for m in tqdm(tf, desc=f"extracting {archive.name}", disable=not progress, unit="file"):
+                if keep is not None and not keep(m.name):
+                    continue
                 _safe(m.name)
                 if m.issym() or m.islnk():
                     _safe(os.path.join(os.path.dirname(m.name), m.linkname))

@@ -58,6 +58,18 @@ DATASETS: dict[str, DatasetInfo] = {
             ("train", "test"), {"hierarchy": True},
         ),
         DatasetInfo("cifar100", "CIFAR-100", "cifar100", ("class", "superclass"), ("train", "test")),
+        DatasetInfo("roxford5k", "Revisited Oxford (ROxford5k)", "revisited", ("landmark",), ("query", "gallery"),
+                    {"city": "roxford5k"}),
+        DatasetInfo("rparis6k", "Revisited Paris (RParis6k)", "revisited", ("landmark",), ("query", "gallery"),
+                    {"city": "rparis6k"}),
+        DatasetInfo("revisitop1m", "R1M distractors (revisitop1m)", "revisited", ("distractor",), ("distractors",),
+                    {"city": "revisitop1m"}),
+        DatasetInfo("sfm120k", "retrieval-SfM-120k", "sfm120k", ("cluster",), ("train",)),
+        DatasetInfo("gldv2", "Google Landmarks v2 (clean)", "gldv2", ("landmark",), ("train",), {"hierarchy": False}),
+        DatasetInfo(
+            "gldv2_hier", "H-GLDv2 (hierarchical Google Landmarks v2)", "gldv2",
+            ("landmark", "hierarchical_label", "natural_or_human_made"), ("train",), {"hierarchy": True},
+        ),
     ]
 }
 
@@ -88,6 +100,8 @@ def get_dataset(
         hint = ""
         if info.module == "dyml":
             hint = " (use hapkit.data.get_eval_sets for its query/gallery test sets)"
+        elif info.module in ("sfm120k", "gldv2"):
+            hint = " (it is evaluated on roxford5k / rparis6k: use hapkit.data.get_eval_sets)"
         raise ValueError(f"dataset {name!r} has no split {split!r}; choose one of {info.splits}{hint}")
     return info._fn("load")(root=root, split=split, transform=transform, **info.options, **options)
 
@@ -99,6 +113,10 @@ def get_eval_sets(name: str, root=None, transform: Callable | None = None, **opt
     one query/gallery set per level (fine, middle, coarse; see :class:`EvalSet`). DyML-Product
     does the same when its ``bmk_*`` folders exist, else evaluates its ``mini-bmk_all_in_one``
     set in the same-set protocol at every level, as the HAPPIER code does.
+
+    Landmarks: ROxford5k / RParis6k give one query/gallery set with its ground truth (``gnd``;
+    ``distractors=True`` adds R1M); the landmark training sets (sfm120k, gldv2, gldv2_hier) are
+    evaluated on both, prepared under the same root.
     """
     info = dataset_info(name)
     return info._fn("eval_sets")(root=root, transform=transform, **info.options, **options)

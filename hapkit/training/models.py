@@ -270,7 +270,7 @@ def freeze_batchnorm(module: nn.Module) -> None:
 
 
 class EmbeddingModel(nn.Module):
-    """backbone -> pooling -> [LayerNorm] -> [dropout] -> [Linear] -> [L2 normalise].
+    """backbone -> pooling -> [LayerNorm] -> [dropout] -> [Linear] -> [whitening] -> [L2 normalise].
 
     Parameters
     ----------
@@ -284,6 +284,9 @@ class EmbeddingModel(nn.Module):
     dropout : dropout probability on the feature before the head (0: none).
     normalize : L2-normalise the output (default True; the losses expect it).
     freeze_bn : keep batch-norm statistics frozen during training (default for pretrained models).
+
+    ``whitening`` is the identity unless a learned PCA-whitening is attached after training
+    (:func:`hapkit.training.whitening.attach_whitening`, landmark retrieval).
     """
 
     def __init__(
@@ -305,6 +308,7 @@ class EmbeddingModel(nn.Module):
         self.norm = nn.LayerNorm(feature_dim, elementwise_affine=False) if layer_norm else nn.Identity()
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         self.head = nn.Linear(feature_dim, embedding_size) if linear_head else nn.Identity()
+        self.whitening = nn.Identity()
         self.normalize = normalize
         self.freeze_bn = freeze_bn
         self.embedding_size = embedding_size if linear_head else feature_dim
@@ -322,7 +326,7 @@ class EmbeddingModel(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.norm(self.features(images))
-        x = self.head(self.dropout(x))
+        x = self.whitening(self.head(self.dropout(x)))
         if self.normalize:
             # float32: the losses compare similarities at the 1e-2 scale of their temperature
             x = F.normalize(x.float(), dim=-1)

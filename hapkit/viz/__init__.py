@@ -5,9 +5,14 @@ train (this wing imports nothing of :mod:`hapkit.training`).
 - :mod:`hapkit.viz.surrogates`: step functions, surrogate bounds, the decomposability gap;
 - :mod:`hapkit.viz.embedding`: UMAP projections, scatter plots by level, image mosaics;
 - :mod:`hapkit.viz.images`: image -> RGB, image grids, dataset samples;
+- :mod:`hapkit.viz.landmarks`: revisited-protocol rankings (easy / hard / junk) and per-query APs;
 - :mod:`hapkit.viz.explorer` (ipywidgets) over :mod:`hapkit.viz.explorer_state` (plain data).
 """
 
+from hapkit.viz.landmarks import revisited_per_query_figure, revisited_ranking_figure
 from hapkit.viz.ranking import agreement_figure, level_colors, level_label, metric_curve_figure, ranking_figure
 
-__all__ = ["level_colors", "level_label", "ranking_figure", "metric_curve_figure", "agreement_figure"]
+__all__ = [
+    "level_colors", "level_label", "ranking_figure", "metric_curve_figure", "agreement_figure",
+    "revisited_ranking_figure", "revisited_per_query_figure",
+]
