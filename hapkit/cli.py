@@ -97,16 +97,19 @@ def _add_reproduce(sub) -> None:
 
 
 def _add_prepare(sub) -> None:
+    from hapkit.data.registry import dataset_names
+
+    names = ", ".join(dataset_names())
     p = sub.add_parser(
         "prepare-data",
-        help="check (and lay out) a dataset for training",
+        help="download, verify and lay out a dataset",
         description=(
-            "Prepare dataset NAME in ROOT: the generated dataset is built on the spot; real "
-            "datasets (sop, inaturalist, dyml, cub, ...) must be downloaded first, and the error "
-            "message says which data_scripts command does it."
+            f"Prepare dataset NAME in ROOT ({names}): the generated dataset is built on the spot; "
+            "real datasets are downloaded from their public locations and verified where that is "
+            "possible, and the message says what to fetch by hand where it is not."
         ),
     )
-    p.add_argument("name", help="dataset name, e.g. generated, sop, inat_base, dyml_vehicle, cub")
+    p.add_argument("name", choices=dataset_names(), metavar="NAME", help=f"one of: {names}")
     p.add_argument("--root", default=None, help="folder for the dataset")
 
 

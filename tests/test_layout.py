@@ -19,7 +19,7 @@ ALLOWED = {
     "results": {"core"},
     "training": {"core", "losses", "data", "results", "training"},
     "viz": {"core", "losses", "data", "results", "viz"},
-    "reproduce": {"core", "results", "training"},
+    "reproduce": {"core", "data", "results", "training"},
     "cli": {"core", "losses", "data", "results", "training", "viz", "reproduce"},
     "__main__": {"cli"},
     "__init__": set(),
