@@ -6,7 +6,7 @@ Every command works out of the box on the embedded generated dataset, on a CPU:
     hapkit train --recipe happier --dataset generated --out runs/happier
     hapkit evaluate --checkpoint runs/happier/checkpoint.pt
     hapkit reproduce                                # HAPPIER vs SupAP vs Smooth-AP vs HPL table
-    hapkit reproduce --notebooks                    # every notebook, then the table
+    hapkit reproduce --notebooks                    # the grid, then every notebook reading its runs
 
 ``python -m hapkit`` is the same program.
 """
@@ -91,7 +91,7 @@ def _add_reproduce(sub) -> None:
                    help="recipe override passed to every run (repeatable)")
     p.add_argument("--force", action="store_true", help="re-run runs that already finished")
     p.add_argument("--notebooks", action="store_true",
-                   help="first execute every notebook in notebooks/ into OUT/notebooks, then the grid")
+                   help="after the grid, execute every notebook in notebooks/ into OUT/notebooks; they read the grid's runs")
     p.add_argument("--notebook", default=None, help="training notebook to run (default: notebooks/03_training.ipynb)")
     p.add_argument("--timeout", type=int, default=None, help="seconds a notebook cell may run (default: no limit)")
 
@@ -189,26 +189,12 @@ def _print_metrics(metrics: dict) -> None:
 
 
 def _cmd_evaluate(args) -> int:
-    import dataclasses
-
-    import torch
-
-    from hapkit.data import build_eval_sets
     from hapkit.training.distributed import _pick_device
-    from hapkit.training.engine import evaluate_model, resolve_amp
-    from hapkit.training.runs import load_model
+    from hapkit.training.runs import evaluate_checkpoint
 
     device = _pick_device(args.device, 0)
-    model, cfg = load_model(args.checkpoint, device)
-    if args.data_root:
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=args.data_root))
-    with torch.no_grad():
-        metrics = evaluate_model(
-            model, build_eval_sets(cfg.data), batch_size=cfg.data.eval_batch_size, num_workers=cfg.data.num_workers,
-            device=device, amp=resolve_amp(cfg.train.amp, device) is not None,
-            metrics=cfg.eval.metrics, max_items=cfg.eval.max_items, progress=not args.no_progress,
-            columns=cfg.eval.columns, ks=cfg.eval.ks, overall=cfg.eval.overall,
-        )
+    metrics = evaluate_checkpoint(args.checkpoint, device=device, data_root=args.data_root,
+                                  progress=not args.no_progress)
     _print_metrics(metrics)
     if args.json:
         Path(args.json).write_text(json.dumps(metrics, indent=2))

@@ -11,7 +11,7 @@ summary, mean +/- std over seeds beside the published numbers, in ``<out>/summar
     hapkit reproduce                             # HAPPIER, SupAP, Smooth-AP, HPL on the generated data
     hapkit reproduce --seeds 3 --jobs 2
     hapkit reproduce --methods happier roadmap --datasets sop --data-root data --seeds 3
-    hapkit reproduce --notebooks                 # every notebook into results/notebooks, then the grid
+    hapkit reproduce --notebooks                 # the grid, then every notebook (reading the grid's runs)
 """
 
 from __future__ import annotations
@@ -221,12 +221,14 @@ def run_grid(methods=None, datasets=None, seeds=1, data_root=None, out="results"
 
 
 def run_notebooks(notebooks_dir=None, out="results", jobs=1, force=False, timeout=None,
-                  progress=True) -> list[Path]:
+                  progress=True, runs_dir=None) -> list[Path]:
     """Execute every notebook of ``notebooks/`` with its default parameters into ``<out>/notebooks``.
 
     A notebook that takes an ``output_dir`` parameter gets ``<out>/notebooks/<name>/`` (and
-    ``progress=False`` when it has that parameter). Notebooks whose executed copy exists without
-    error are skipped unless ``force``.
+    ``progress=False`` when it has that parameter); one that takes ``results_dir`` gets ``out``,
+    and one that takes ``runs_dir`` gets ``runs_dir`` when given (the grid's ``<out>/runs``, so
+    that it reads the grid's models instead of training its own). Notebooks whose executed copy
+    exists without error are skipped unless ``force``.
     """
     import papermill
 
@@ -242,6 +244,10 @@ def run_notebooks(notebooks_dir=None, out="results", jobs=1, force=False, timeou
         declared = papermill.inspect_notebook(str(nb))
         if "output_dir" in declared:
             params["output_dir"] = str(dest / nb.stem)
+        if "results_dir" in declared:
+            params["results_dir"] = str(Path(out).resolve())
+        if "runs_dir" in declared and runs_dir is not None:
+            params["runs_dir"] = str(Path(runs_dir).resolve())
         if "progress" in declared:
             params["progress"] = False  # progress widgets mean nothing in a stored notebook
         jobs_list.append((nb.name, str(nb), str(target), params, str(nb.parent), timeout))
@@ -262,7 +268,22 @@ def _executed_ok(path: Path) -> bool:
     return meta.get("exception") is False or (meta.get("end_time") is not None and not meta.get("exception"))
 
 
-def reproduce_all(out="results", jobs=1, force=False, timeout=None, progress=True, **grid) -> pd.DataFrame:
-    """Every notebook of ``notebooks/`` into ``<out>/notebooks``, then the grid (:func:`run_grid`)."""
-    run_notebooks(out=out, jobs=jobs, force=force, timeout=timeout, progress=progress)
-    return run_grid(out=out, jobs=jobs, force=force, timeout=timeout, progress=progress, **grid)
+def reproduce_all(out="results", jobs=1, force=False, timeout=None, progress=True, notebooks_dir=None,
+                  **grid) -> pd.DataFrame:
+    """The grid first (:func:`run_grid`), then every notebook of ``notebooks/`` into
+    ``<out>/notebooks``, reading the grid's runs (``runs_dir=<out>/runs``) and results
+    (``results_dir=<out>``) instead of training their own models.
+
+    A failed grid run does not stop the notebooks (the ones that need it train it themselves);
+    the failures are raised at the end.
+    """
+    error = None
+    try:
+        summary = run_grid(out=out, jobs=jobs, force=force, timeout=timeout, progress=progress, **grid)
+    except RuntimeError as exc:  # failed runs: the summary of the others is written
+        error, summary = exc, None
+    run_notebooks(notebooks_dir, out=out, jobs=jobs, force=force, timeout=timeout, progress=progress,
+                  runs_dir=Path(out) / "runs")
+    if error is not None:
+        raise error
+    return summary

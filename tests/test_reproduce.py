@@ -129,3 +129,22 @@ def test_run_notebooks_executes_every_notebook_once(tmp_path):
     stamp = outputs[0].stat().st_mtime_ns
     run_notebooks(src, out=tmp_path / "results", progress=False)  # complete: not executed again
     assert outputs[0].stat().st_mtime_ns == stamp
+
+
+@pytest.mark.slow
+def test_reproduce_all_trains_the_grid_before_the_notebooks_that_read_it(tmp_path):
+    """The notebooks run after the grid and get its runs folder and results folder."""
+    training = write_notebook(tmp_path / "03_training.ipynb", FAKE_BODY)
+    src = tmp_path / "notebooks"
+    src.mkdir()
+    write_notebook(src / "04_reader.ipynb",
+                   "import pathlib\n"
+                   "found = (pathlib.Path(runs_dir) / 'happier_generated' / 'seed0' / 'metrics.json').is_file()\n"
+                   "pathlib.Path(output_dir).mkdir(parents=True)\n"
+                   "(pathlib.Path(output_dir) / 'seen.txt').write_text(f'{found} {pathlib.Path(results_dir).name}')",
+                   params="runs_dir = None\nresults_dir = None\noutput_dir = None")
+    out = tmp_path / "results"
+    summary = reproduce.reproduce_all(out=out, methods=["happier"], notebook=training, notebooks_dir=src,
+                                      progress=False)
+    assert summary["method"].tolist() == ["happier"]
+    assert (out / "notebooks" / "04_reader" / "seen.txt").read_text() == "True results"

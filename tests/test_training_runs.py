@@ -162,3 +162,56 @@ def test_load_model_rejects_foreign_files(tmp_path):
         runs.load_model(path)
     with pytest.raises(FileNotFoundError):
         runs.load_model(tmp_path / "missing.pt")
+
+
+def test_a_finished_grid_run_is_read_instead_of_trained(store, tmp_path):
+    from hapkit.results import write_metrics
+
+    grid = tmp_path / "runs" / "happier_generated" / "seed0"
+    assert runs.grid_run(tmp_path / "runs", "happier_generated", 0) is None
+    grid.mkdir(parents=True)
+    (grid / "checkpoint.pt").write_bytes((store["first"].run_dir / "checkpoint.pt").read_bytes())
+    assert runs.grid_run(tmp_path / "runs", "happier_generated", 0) is None  # not finished: no metrics.json
+    write_metrics(grid, {"test/H-AP": 0.5})
+    assert runs.grid_run(tmp_path / "runs", "happier_generated", 0) == grid
+    assert runs.grid_run(tmp_path / "runs", "happier_generated", 1) is None
+
+    n = len(store["calls"])
+    # any training length: the grid's run is the one used
+    read = runs.trained_embeddings(epochs=7, seed=0, runs_dir=tmp_path / "runs", **kwargs(store))
+    assert len(store["calls"]) == n and read.source == "checkpoint" and read.run_dir == grid
+    np.testing.assert_allclose(read.embeddings, store["first"].embeddings, atol=1e-6)
+    assert list(grid.glob("embeddings-checkpoint-*-test-n100.npz"))  # cached beside the grid's run
+    # a grid without that seed: trained (here: found in the cache) as without runs_dir
+    other = runs.trained_embeddings(epochs=1, seed=0, runs_dir=tmp_path / "elsewhere", **kwargs(store))
+    assert other.source == "trained" and len(store["calls"]) == n
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        runs.trained_embeddings(checkpoint=tmp_path / "missing.pt", **kwargs(store))
+
+
+@pytest.mark.slow
+def test_cached_grid_writes_the_layout_of_the_batch_grid(tmp_path):
+    from hapkit.results import collect_runs, summarize
+
+    out = tmp_path / "results"
+    folders = runs.cached_grid(["happier_generated", "supap_generated"], seeds=[0], epochs=1, out=out,
+                               cache_dir=tmp_path / "cache", overrides=TINY, data_root=tmp_path / "data",
+                               dataset_options=OPTIONS, progress=False)
+    assert folders == [out / "runs" / "happier_generated" / "seed0", out / "runs" / "supap_generated" / "seed0"]
+    table = collect_runs(out)
+    assert table["method"].tolist() == ["happier", "supap"] and set(table["dataset"]) == {"generated"}
+    assert table["epochs"].tolist() == [1, 1] and (table["duration_s"] > 0).all()
+    # the metrics are the checkpoint's evaluation under its recipe's protocol
+    again = runs.evaluate_checkpoint(next((tmp_path / "cache" / "runs").glob("happier*")), data_root=tmp_path / "data",
+                                     dataset_options=OPTIONS, progress=False)
+    assert table.loc[0, "metric:test/H-AP"] == pytest.approx(again["test/H-AP"], abs=1e-9)
+    assert table.loc[0, "H-AP"] == pytest.approx(again["test/H-AP"], abs=1e-9)
+    assert summarize(table)["seeds"].tolist() == [1, 1]
+    # a second call trains nothing
+    calls = []
+    real = hapkit.training.engine.train
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(hapkit.training.engine, "train", lambda *a, **k: calls.append(1) or real(*a, **k))
+        runs.cached_grid(["happier_generated"], seeds=[0], epochs=1, out=out, cache_dir=tmp_path / "cache",
+                         overrides=TINY, data_root=tmp_path / "data", dataset_options=OPTIONS, progress=False)
+    assert calls == []

@@ -9,6 +9,10 @@ loading a checkpoint, embedding a split, writing a run's metrics.
 - :func:`embed_split` embeds a split with the recipe's test transform; :func:`trained_embeddings`
   / :func:`untrained_embeddings` do the above and cache the embeddings beside the run.
 - :func:`write_run_metrics` writes a finished run's ``metrics.json`` (:mod:`hapkit.results`).
+- :func:`grid_run` finds a run of the batch grid (``hapkit reproduce``) so that the notebooks
+  read the grid's models instead of training their own; :func:`cached_grid` builds the same
+  ``runs/<name>/seed<k>/metrics.json`` layout from cached runs when no grid has been run;
+  :func:`evaluate_checkpoint` evaluates a checkpoint with its recipe's protocol.
 
 >>> emb = trained_embeddings("happier_generated", epochs=1, max_items=2048)   # doctest: +SKIP
 """
@@ -47,6 +51,9 @@ __all__ = [
     "trained_embeddings",
     "untrained_embeddings",
     "write_run_metrics",
+    "grid_run",
+    "evaluate_checkpoint",
+    "cached_grid",
 ]
 
 DEFAULT_RECIPE = "happier_generated"
@@ -223,20 +230,52 @@ def _load_cached(path: Path, raw):
 
 
 def _cached_embeddings(run_dir: Path, kind: str, model_fn, cfg, split, max_items, data_root, device, progress,
-                       dataset_options=None):
+                       dataset_options=None, source: str | None = None):
     """Embeddings of ``model_fn()`` cached in ``run_dir``, one file per (kind, split, max_items)."""
     split = split or evaluation_split(cfg.data.dataset)
+    source = source or kind
     path = _cache_file(run_dir, kind, split, max_items)
     if path.is_file():
         raw = build_split(cfg.data, split, root=data_root, options=dataset_options, transform=None)
         hit = _load_cached(path, raw)
         if hit is not None:
-            return _embedding_set(raw, *hit, cfg, split, max_items, kind, run_dir)
-    out = embed_split(model_fn(), cfg, split, max_items, data_root, device=device, progress=progress, source=kind,
+            return _embedding_set(raw, *hit, cfg, split, max_items, source, run_dir)
+    out = embed_split(model_fn(), cfg, split, max_items, data_root, device=device, progress=progress, source=source,
                       dataset_options=dataset_options)
     out.run_dir = run_dir
-    _save_npz(path, format=np.int64(EMBEDDINGS_FORMAT), embeddings=out.embeddings, labels=out.labels, indices=out.indices)
+    try:
+        _save_npz(path, format=np.int64(EMBEDDINGS_FORMAT), embeddings=out.embeddings, labels=out.labels,
+                  indices=out.indices)
+    except OSError:
+        pass  # a read-only run folder: the embeddings are computed again next time
     return out
+
+
+def _checkpoint_tag(checkpoint: Path) -> str:
+    """Short tag of a checkpoint file's identity (size and modification time): embeddings cached
+    beside a run that is later trained further are computed again."""
+    stat = checkpoint.stat()
+    return hashlib.sha256(f"{stat.st_size}-{stat.st_mtime_ns}".encode()).hexdigest()[:8]
+
+
+def grid_run(runs_dir, recipe, seed: int = 0) -> Path | None:
+    """The finished run of the batch grid for ``recipe`` and ``seed``, or None.
+
+    ``hapkit reproduce`` trains each (method, dataset, seed) into
+    ``<out>/runs/<method>_<dataset>/seed<seed>/``; ``runs_dir`` is that ``<out>/runs`` folder and
+    ``recipe`` a bundled recipe name (``"happier_generated"``), a method with the dataset in
+    the name, or a Recipe. A run counts as finished when its ``metrics.json`` and checkpoint exist.
+    """
+    from hapkit.results import METRICS_FILE
+    from hapkit.training.engine import CHECKPOINT_NAME
+
+    if runs_dir is None:
+        return None
+    name = recipe.name if isinstance(recipe, Recipe) else Path(str(recipe)).stem
+    run_dir = Path(runs_dir).expanduser() / name / f"seed{int(seed)}"
+    if (run_dir / METRICS_FILE).is_file() and (run_dir / CHECKPOINT_NAME).is_file():
+        return run_dir
+    return None
 
 
 def trained_embeddings(
@@ -244,6 +283,7 @@ def trained_embeddings(
     epochs: int | None = 1,
     seed: int = 0,
     checkpoint=None,
+    runs_dir=None,
     cache_dir=None,
     overrides: Sequence[str] = (),
     max_items: int | None = None,
@@ -262,6 +302,9 @@ def trained_embeddings(
         seed: the run's seed.
         checkpoint: a ``checkpoint.pt`` (or run directory) from ``hapkit train`` or notebook 03;
             when given, nothing is trained and ``recipe``/``epochs``/``seed`` are ignored.
+        runs_dir: the ``runs/`` folder of a ``hapkit reproduce`` output; when it holds a finished
+            run of ``recipe`` and ``seed`` (:func:`grid_run`), that run is used as ``checkpoint``
+            (whatever its training length), else the run is trained here as without it.
         cache_dir: where runs and their embeddings are cached (default ``$HAPKIT_CACHE`` or
             ``~/.cache/hapkit``); the key covers every recipe value, so changing any of them
             trains a new run.
@@ -273,12 +316,20 @@ def trained_embeddings(
         device: where to run the model (default CPU).
         progress: tqdm progress bars.
     """
+    if checkpoint is None and runs_dir is not None:
+        checkpoint = grid_run(runs_dir, resolve_recipe(recipe, epochs, seed, overrides).name, seed)
     if checkpoint is not None:
-        model, cfg = load_model(checkpoint, device)
-        out = embed_split(model, cfg, split, max_items, data_root, device=device, progress=progress,
-                          source="checkpoint", dataset_options=dataset_options)
-        out.run_dir = Path(checkpoint).parent if Path(checkpoint).is_file() else Path(checkpoint)
-        return out
+        from hapkit.training.engine import CHECKPOINT_NAME
+
+        path = Path(checkpoint)
+        file = path / CHECKPOINT_NAME if path.is_dir() else path
+        if not file.is_file():
+            raise FileNotFoundError(f"no checkpoint at {file}: pass a checkpoint.pt written by `hapkit train` or its run folder")
+        cfg = from_dict(Recipe, load_checkpoint(file)["recipe"])
+        return _cached_embeddings(
+            file.parent, f"checkpoint-{_checkpoint_tag(file)}", lambda: load_model(file, device)[0], cfg, split,
+            max_items, data_root, device, progress, dataset_options, source="checkpoint",
+        )
     cfg = resolve_recipe(recipe, epochs, seed, overrides)
     run_dir = train_cached(cfg, cache_dir, data_root=data_root, dataset_options=dataset_options, progress=progress)
     return _cached_embeddings(
@@ -337,3 +388,67 @@ def write_run_metrics(output_dir, result, cfg, dataset: str | None = None, seed:
         train_time_s=float(result.history["time_s"].sum()) if "time_s" in result.history else None,
         config=to_dict(cfg),
     )
+
+
+def evaluate_checkpoint(checkpoint, device=None, data_root=None, dataset_options: Mapping | None = None,
+                        progress: bool = True) -> dict:
+    """Evaluate a checkpoint (or run directory) as its recipe's training evaluates: its eval sets,
+    metrics, label columns and k values; returns flat ``{"<set>/<metric>": value}``.
+    ``dataset_options`` go to the dataset loader."""
+    from hapkit.data import build_eval_sets
+    from hapkit.training.engine import evaluate_model, resolve_amp
+
+    model, cfg = load_model(checkpoint, device)
+    if data_root is not None:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(data_root)))
+    with torch.no_grad():
+        return evaluate_model(
+            model, build_eval_sets(cfg.data, options=dataset_options), batch_size=cfg.data.eval_batch_size, num_workers=cfg.data.num_workers,
+            device=device, amp=resolve_amp(cfg.train.amp, torch.device(device or "cpu")) is not None,
+            metrics=cfg.eval.metrics, max_items=cfg.eval.max_items, progress=progress,
+            columns=cfg.eval.columns, ks=cfg.eval.ks, overall=cfg.eval.overall,
+        )
+
+
+def _training_summary(run_dir: Path) -> tuple[int | None, float | None]:
+    """(steps, training seconds) of a finished run, from its ``metrics.jsonl``."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return None, None
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    steps = max((int(r["step"]) for r in lines if "step" in r), default=None)
+    seconds = sum(float(r["time_s"]) for r in lines if "time_s" in r) or None
+    return steps, seconds
+
+
+def cached_grid(recipes: Sequence[str], seeds: Sequence[int] = (0,), epochs: int | None = None, out="results",
+                cache_dir=None, overrides: Sequence[str] = (), data_root=None, dataset_options: Mapping | None = None,
+                device=None, progress: bool = True) -> list[Path]:
+    """The reproduction grid through the run cache: train each recipe and seed with
+    :func:`train_cached` (nothing is trained twice, and a notebook that trained the same run
+    already did the work), evaluate it with :func:`evaluate_checkpoint`, and write its
+    ``metrics.json`` to ``<out>/runs/<recipe>/seed<seed>/``, the layout of ``hapkit reproduce``
+    that :func:`hapkit.results.collect_runs` reads. Returns the run folders.
+    """
+    from tqdm.auto import tqdm
+
+    from hapkit.data import get_dataset
+
+    folders = []
+    plan = [(name, int(seed)) for seed in seeds for name in recipes]
+    for name, seed in tqdm(plan, desc="grid", disable=not progress):
+        cfg = resolve_recipe(name, epochs, seed, overrides)
+        cached = train_cached(cfg, cache_dir, data_root=data_root, dataset_options=dataset_options, progress=progress)
+        metrics = evaluate_checkpoint(cached, device=device, data_root=data_root, dataset_options=dataset_options,
+                                      progress=progress)
+        steps, seconds = _training_summary(cached)
+        levels = get_dataset(cfg.data.dataset, root=data_root, split=evaluation_split(cfg.data.dataset)).level_names
+        folder = Path(out) / "runs" / cfg.name / f"seed{seed}"
+        write_metrics(
+            folder, metrics, recipe=cfg.name, method=cfg.method, dataset=cfg.data.dataset, seed=seed,
+            epochs=cfg.train.epochs, steps=steps, level_names=list(levels), headline=headline_metrics(metrics),
+            reported=dict(cfg.reported), train_time_s=seconds, checkpoint=str(cached / "checkpoint.pt"),
+            config=to_dict(cfg),
+        )
+        folders.append(folder)
+    return folders
