@@ -16,7 +16,8 @@ holds the small DataFrames a notebook shows, as records; any other key is inform
 The tables: :func:`metrics_frame` (one run's flat metrics, one row per metric, one column per set),
 :func:`metrics_table` (several evaluations side by side), :func:`headline_metrics` (the numbers a
 summary compares), :func:`collect_runs` / :func:`summarize` / :func:`format_markdown` /
-:func:`write_summary` (mean +/- std over seeds beside the published numbers).
+:func:`write_summary` (mean +/- std over seeds beside the published numbers, with the command
+that reproduces each row).
 """
 
 from __future__ import annotations
@@ -156,6 +157,42 @@ def metrics_table(
     return metrics_frame(flat, level_names)[list(results)]
 
 
+def organisation_table(metrics: Mapping[str, Mapping[str, float]], level_names: Sequence[str], k: int) -> pd.DataFrame:
+    """Per label column (rows, finest first, named by ``level_names``), for each model: the
+    fraction of k nearest neighbours sharing the label (``kNN@k <model>``) and the binary AP at
+    that level (``AP <model>``), in %. ``metrics`` maps a model name to its flat metrics (those of
+    :func:`hapkit.evaluate.neighbourhood_metrics` and of :func:`hapkit.evaluate.evaluate`)."""
+    rows = {}
+    for c, level in enumerate(level_names):
+        row = {}
+        for name, m in metrics.items():
+            row[f"kNN@{k} {name}"] = 100.0 * m.get(f"kNN@{k}@{c}", math.nan)
+        for name, m in metrics.items():
+            row[f"AP {name}"] = 100.0 * m.get(f"AP@{c}", math.nan)
+        rows[level] = row
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table.index.name = "level"
+    return table
+
+
+def failure_table(metrics: Mapping[str, Mapping[str, float]], level_names: Sequence[str]) -> pd.DataFrame:
+    """HAPPIER's failure-severity analysis: for the queries whose top-1 is not of their fine
+    class, how many levels that top-1 shares with them (rows: ``shares v levels (...)``, v = 0 the
+    most severe), as % of all queries per model, with the total of wrong top-1s last."""
+    L = len(level_names)
+    index = []
+    for v in range(L):
+        what = "not even the " + level_names[-1] if v == 0 else f"same {level_names[L - v]}, other {level_names[L - v - 1]}"
+        index.append(f"shares {v} level{'s' if v != 1 else ''} ({what})")
+    table = pd.DataFrame(
+        {name: [100.0 * m.get(f"top1 wrong#{v}", math.nan) for v in range(L)] + [100.0 * m.get("top1 wrong", math.nan)]
+         for name, m in metrics.items()},
+        index=[*index, "top-1 wrong (all)"],
+    )
+    table.index.name = "wrong top-1"
+    return table
+
+
 def headline_metrics(metrics: Mapping[str, float]) -> dict:
     """The metrics the summary compares, without their eval-set prefix.
 
@@ -241,8 +278,9 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
     """Mean and std over seeds (in %) of the headline metrics per (method, dataset).
 
     Columns ``<metric>`` (mean), ``<metric> std`` (NaN for a single seed), ``seeds``,
-    ``duration_s`` (mean per run), ``levels`` (level names, finest first) and ``paper`` (the
-    published numbers of the recipe, e.g. ``"R@1 81.0"``).
+    ``duration_s`` (mean per run), ``levels`` (level names, finest first), ``paper`` (the
+    published numbers of the recipe, e.g. ``"R@1 81.0"``), ``recipe``, ``epochs`` and
+    ``command`` (the :func:`reproduce_command` of the row).
     """
     if runs.empty:
         return pd.DataFrame(columns=["method", "dataset", "seeds"])
@@ -260,8 +298,37 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
         row["levels"] = " / ".join(names) if names else ""
         reported = next((r for r in group["reported"] if r), {})
         row["paper"] = ", ".join(f"{k} {v:g}" for k, v in reported.items())
+        row["recipe"] = next((r for r in group["recipe"] if isinstance(r, str)), "") if "recipe" in group else ""
+        epochs = group["epochs"].dropna() if "epochs" in group else pd.Series(dtype=float)
+        row["epochs"] = int(epochs.iloc[0]) if len(epochs) and epochs.nunique() == 1 else None
+        row["command"] = reproduce_command(method, dataset, len(group), row["epochs"])
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def compare_methods(summary: pd.DataFrame, method: str, baseline: str, dataset: str) -> pd.Series:
+    """``method``'s mean minus ``baseline``'s for every headline metric of ``dataset`` (points of %,
+    from :func:`summarize`); a KeyError names the (method, dataset) rows the summary lacks."""
+    rows = summary.set_index(["method", "dataset"])
+    missing = [m for m in (method, baseline) if (m, dataset) not in rows.index]
+    if missing:
+        have = ", ".join(f"{m}/{d}" for m, d in rows.index) or "none"
+        raise KeyError(f"no summary row for {', '.join(f'{m}/{dataset}' for m in missing)} (rows: {have})")
+    metrics = _metric_columns(summary)
+    return (rows.loc[(method, dataset), metrics] - rows.loc[(baseline, dataset), metrics]).astype(float)
+
+
+def reproduce_command(method: str, dataset: str, seeds: int = 1, epochs: int | None = None) -> str:
+    """The ``hapkit reproduce`` command line that trains and evaluates these runs again (a real
+    dataset is read from ``--data-root data``, the folder ``hapkit prepare-data`` fills)."""
+    parts = ["hapkit reproduce", f"--methods {method}", f"--datasets {dataset}"]
+    if dataset != "generated":
+        parts.append("--data-root data")
+    if seeds > 1:
+        parts.append(f"--seeds {seeds}")
+    if epochs is not None:
+        parts.append(f"--epochs {epochs}")
+    return " ".join(parts)
 
 
 def published_table(runs: pd.DataFrame) -> pd.DataFrame:

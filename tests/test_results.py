@@ -50,6 +50,8 @@ def test_summary_mean_std_and_markdown():
     assert s.loc["happier", "R@1 std"] == pytest.approx(1.0)  # sample std of 80, 81, 82
     assert math.isnan(s.loc["supap", "R@1 std"])
     assert s.loc["happier", "paper"] == "test/R@1@0 81"
+    assert s.loc["happier", "command"] == "hapkit reproduce --methods happier --datasets sop --data-root data --seeds 3"
+    assert s.loc["supap", "command"] == "hapkit reproduce --methods supap --datasets sop --data-root data"
     md = format_markdown(summarize(runs))
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in md.splitlines() if line.startswith("|")]
     assert rows[0] == ["method", "dataset", "seeds", "R@1", "AP@0", "H-AP", "paper"]
@@ -64,6 +66,30 @@ def test_summary_mean_std_and_markdown():
                                              "seeds": 3}]
     md = format_markdown(summarize(runs), published)
     assert "| happier  | sop       | test/R@1@0 |    81.0 | 81.00 ± 1.00 |       3 |" in md
+
+
+def test_compare_methods_subtracts_the_baseline_row():
+    from hapkit.results import compare_methods
+
+    runs = pd.DataFrame([{"method": m, "dataset": "generated", "seed": 0, "H-AP": h, "AP@0": a, "duration_s": 1.0,
+                          "level_names": None, "reported": {}} for m, h, a in (("happier", 0.6, 0.8), ("supap", 0.5, 0.82))])
+    gap = compare_methods(summarize(runs), "happier", "supap", dataset="generated")
+    assert gap["H-AP"] == pytest.approx(10.0) and gap["AP@0"] == pytest.approx(-2.0)
+    with pytest.raises(KeyError, match="hpl/generated"):
+        compare_methods(summarize(runs), "hpl", "supap", dataset="generated")
+
+
+def test_reproduce_command_names_the_grid_of_a_row():
+    from hapkit.results import reproduce_command
+
+    assert reproduce_command("happier", "generated") == "hapkit reproduce --methods happier --datasets generated"
+    assert reproduce_command("hpl", "generated", seeds=3, epochs=10) == (
+        "hapkit reproduce --methods hpl --datasets generated --seeds 3 --epochs 10")
+    runs = pd.DataFrame([{"method": "hpl", "dataset": "generated", "seed": s, "recipe": "hpl_generated", "epochs": 10,
+                          "H-AP": 0.5, "duration_s": 1.0, "level_names": None, "reported": {}} for s in range(2)])
+    row = summarize(runs).iloc[0]
+    assert (row["recipe"], row["epochs"]) == ("hpl_generated", 10)
+    assert row["command"] == "hapkit reproduce --methods hpl --datasets generated --seeds 2 --epochs 10"
 
 
 def test_metrics_table_and_write_metrics(tmp_path):
@@ -114,3 +140,23 @@ def test_collect_runs_reads_metrics_files_without_papermill(tmp_path):
     runs = collect_runs(tmp_path)
     assert runs["seed"].tolist() == [0, 1] and runs["R@1"].tolist() == [0.5, 0.6]
     assert runs["duration_s"].tolist() == [2.0, 2.0] and runs["metric:test/AP@0"].tolist() == [0.25, 0.25]
+
+
+def test_organisation_and_failure_tables_name_levels_and_models():
+    from hapkit.results import failure_table, organisation_table
+
+    metrics = {
+        "HAPPIER": {"kNN@8@0": 0.5, "kNN@8@1": 0.75, "AP@0": 0.4, "AP@1": 0.6,
+                    "top1 wrong": 0.25, "top1 wrong#0": 0.05, "top1 wrong#1": 0.2},
+        "SupAP": {"kNN@8@0": 0.5, "kNN@8@1": 0.5, "AP@0": 0.45, "AP@1": 0.3,
+                  "top1 wrong": 0.3, "top1 wrong#0": 0.25, "top1 wrong#1": 0.05},
+    }
+    org = organisation_table(metrics, ["variant", "family"], k=8)
+    assert list(org.index) == ["variant", "family"]
+    assert list(org.columns) == ["kNN@8 HAPPIER", "kNN@8 SupAP", "AP HAPPIER", "AP SupAP"]
+    assert org.loc["family", "kNN@8 HAPPIER"] == 75.0 and org.loc["variant", "AP SupAP"] == 45.0
+    fails = failure_table(metrics, ["variant", "family"])
+    assert list(fails.index) == ["shares 0 levels (not even the family)", "shares 1 level (same family, other variant)",
+                                 "top-1 wrong (all)"]
+    assert fails["SupAP"].tolist() == [25.0, 5.0, 30.0]
+    assert fails.iloc[:-1].sum().tolist() == pytest.approx(fails.iloc[-1].tolist())  # the severities add up

@@ -184,3 +184,14 @@ def test_build_loss_fills_sizes_from_the_labels():
         build_loss(load_recipe("supap_generated", overrides=["loss.kwargs.lambda=0.5"]), labels)
     with pytest.raises(ConfigError, match="not a hapkit loss"):
         build_loss(load_recipe("supap_generated", overrides=["loss.name=Nope"]), labels)
+
+
+def test_published_numbers_list_every_reported_value():
+    from hapkit.training.recipes import list_recipes, published_numbers, read_recipe_dict
+
+    table = published_numbers()
+    row = table[(table["recipe"] == "happier_sop") & (table["metric"] == "test/R@1@0")]
+    assert row["paper"].tolist() == [81.0] and row["dataset"].tolist() == ["sop"]
+    expected = sum(len(read_recipe_dict(n).get("reported") or {}) for n in list_recipes())
+    assert len(table) == expected > 0
+    assert table["metric"].str.fullmatch(r"[a-z_]+/[A-Za-z@0-9\-]+").all()  # summary keys: <set>/<metric>

@@ -87,3 +87,18 @@ def test_projection_mosaic_picks_the_point_nearest_each_cell_centre():
     assert fig.data[0].source.startswith("data:image/png;base64,")
     with pytest.raises(ValueError, match="uint8"):
         E.projection_mosaic(coords, images.astype(np.float32))
+
+
+def test_organisation_and_failure_figures_have_one_bar_group_per_model():
+    from hapkit.results import failure_table, organisation_table
+    from hapkit.viz.embedding import failure_figure, organisation_figure
+
+    metrics = {name: {"kNN@4@0": a, "kNN@4@1": b, "AP@0": a, "AP@1": b, "top1 wrong": 0.3,
+                      "top1 wrong#0": 0.1, "top1 wrong#1": 0.2} for name, a, b in (("A", 0.5, 0.7), ("B", 0.4, 0.6))}
+    fig = organisation_figure(organisation_table(metrics, ["fine", "coarse"], 4))
+    assert [t.name for t in fig.data] == ["A", "B"] and list(fig.data[0].x) == ["fine", "coarse"]
+    assert list(fig.data[1].y) == pytest.approx([40.0, 60.0])
+    fig = failure_figure(failure_table(metrics, ["fine", "coarse"]))
+    assert len(fig.data[0].x) == 2  # the total row is not a severity
+    with pytest.raises(ValueError, match="no kNN@k column"):
+        organisation_figure(pd.DataFrame({"x": [1]}))

@@ -54,6 +54,7 @@ __all__ = [
     "grid_run",
     "evaluate_checkpoint",
     "cached_grid",
+    "grid_runs",
 ]
 
 DEFAULT_RECIPE = "happier_generated"
@@ -452,3 +453,27 @@ def cached_grid(recipes: Sequence[str], seeds: Sequence[int] = (0,), epochs: int
         )
         folders.append(folder)
     return folders
+
+
+def grid_runs(results_dir=None, recipes: Sequence[str] = (), seeds: Sequence[int] = (0,), epochs: int | None = None,
+              out="results", cache_dir=None, progress: bool = True):
+    """The runs table (:func:`hapkit.results.collect_runs`) of a ``hapkit reproduce`` output, with
+    the embedded-dataset grid built when it has none.
+
+    Reads ``results_dir`` (None or a folder without runs: nothing); when no run of the generated
+    dataset is among them, ``recipes`` x ``seeds`` are trained and evaluated through the cache
+    (:func:`cached_grid`, into ``out``) and added. The ``source`` column says where each row comes
+    from: ``"results"`` or ``"cache"``.
+    """
+    import pandas as pd
+
+    from hapkit.results import collect_runs
+
+    found = collect_runs(results_dir) if results_dir is not None and Path(results_dir).is_dir() else pd.DataFrame()
+    if not found.empty:
+        found = found.assign(source="results")
+    if recipes and (found.empty or not (found["dataset"] == "generated").any()):
+        folders = cached_grid(recipes, seeds, epochs, out=out, cache_dir=cache_dir, progress=progress)
+        built = collect_runs(out, folders).assign(source="cache")
+        found = pd.concat([found, built], ignore_index=True) if not found.empty else built
+    return found

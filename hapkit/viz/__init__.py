@@ -5,6 +5,7 @@ train (this wing imports nothing of :mod:`hapkit.training`).
 - :mod:`hapkit.viz.surrogates`: step functions, surrogate bounds, the decomposability gap;
 - :mod:`hapkit.viz.embedding`: UMAP projections, scatter plots by level, image mosaics;
 - :mod:`hapkit.viz.images`: image -> RGB, image grids, dataset samples;
+- :mod:`hapkit.viz.reproduction`: each method's metrics with error bars, measured vs published;
 - :mod:`hapkit.viz.landmarks`: revisited-protocol rankings (easy / hard / junk) and per-query APs;
 - :mod:`hapkit.viz.explorer` (ipywidgets) over :mod:`hapkit.viz.explorer_state` (plain data).
 """

@@ -5,7 +5,9 @@ distances, deterministic with ``random_state``; :func:`projection_frame` joins t
 readable labels (of an :class:`hapkit.data.EmbeddingSet` or of plain label arrays);
 :func:`embedding_figure` draws a plotly scatter coloured by a level of the hierarchy with every
 label in the hover text; :func:`projection_mosaic` lays thumbnails out on a grid over the
-projection.
+projection. :func:`organisation_figure` and :func:`failure_figure` draw the tables of
+:func:`hapkit.results.organisation_table` and :func:`hapkit.results.failure_table` (models side
+by side).
 
 >>> frame = projection_frame(umap_projection(items.embeddings), items)   # doctest: +SKIP
 >>> embedding_figure(frame, color="shape")                                 # doctest: +SKIP
@@ -22,7 +24,8 @@ import torch
 from hapkit.data.embeddings import EmbeddingSet, label_frame
 from hapkit.viz.images import blank_tile, image_grid
 
-__all__ = ["umap_projection", "projection_frame", "embedding_figure", "projection_mosaic", "mosaic_figure"]
+__all__ = ["umap_projection", "projection_frame", "embedding_figure", "projection_mosaic", "mosaic_figure",
+           "organisation_figure", "failure_figure"]
 
 
 def umap_projection(
@@ -184,3 +187,34 @@ def mosaic_figure(coords, images, grid: int = 16, title: str | None = None, scal
         margin=dict(l=10, r=10, t=50, b=10),
     )
     return fig
+
+
+def _grouped_bars(table: pd.DataFrame, columns: dict, title: str, yaxis: str):
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for name, column in columns.items():
+        fig.add_trace(go.Bar(x=list(table.index), y=table[column].tolist(), name=name,
+                             hovertemplate="%{x}: %{y:.1f}%<extra>" + name + "</extra>"))
+    fig.update_layout(barmode="group", title=title, yaxis_title=yaxis, legend_title_text="model")
+    return fig
+
+
+def organisation_figure(table: pd.DataFrame, title: str | None = None):
+    """Bars per level and model of the ``kNN@k <model>`` columns of
+    :func:`hapkit.results.organisation_table`: how often an image's nearest neighbours share its
+    label at each level."""
+    columns = {c.split(" ", 1)[1]: c for c in table.columns if c.startswith("kNN@")}
+    if not columns:
+        raise ValueError("the table has no kNN@k column: build it with hapkit.results.organisation_table")
+    k = next(iter(columns.values())).split(" ", 1)[0][4:]
+    return _grouped_bars(table, columns, title or f"neighbours sharing the label, among the {k} nearest",
+                         f"% of the {k} nearest neighbours")
+
+
+def failure_figure(table: pd.DataFrame, title: str | None = None):
+    """Bars per severity and model of :func:`hapkit.results.failure_table` (its total row left
+    out): the wrong top-1 results by the number of levels they share with the query."""
+    rows = table.drop(index=[i for i in table.index if i.startswith("top-1 wrong")])
+    return _grouped_bars(rows, {c: c for c in table.columns}, title or "wrong top-1 results, by the levels they share",
+                         "% of the queries")

@@ -27,6 +27,7 @@ __all__ = [
     "load_recipe",
     "resolve_name",
     "resolved_recipe",
+    "published_numbers",
 ]
 
 RECIPE_DIR = Path(__file__).resolve().parent
@@ -110,6 +111,21 @@ def read_recipe_dict(recipe: str, dataset: str | None = None, _seen: tuple = ())
         data = _merge(base, data)
     data.setdefault("name", path.stem)
     return data
+
+
+def published_numbers() -> "pd.DataFrame":
+    """Every number the papers publish for a bundled recipe (its ``reported:`` section, %): one
+    row per (recipe, metric) with columns recipe, method, dataset, metric (the summary key it is
+    compared with, e.g. ``test/R@1@0``), paper and description."""
+    import pandas as pd
+
+    rows = []
+    for name in list_recipes():
+        data = read_recipe_dict(name)
+        for metric, value in (data.get("reported") or {}).items():
+            rows.append({"recipe": name, "method": data.get("method"), "dataset": (data.get("data") or {}).get("dataset"),
+                         "metric": metric, "paper": float(value), "description": data.get("description", "")})
+    return pd.DataFrame(rows, columns=["recipe", "method", "dataset", "metric", "paper", "description"])
 
 
 def load_recipe(recipe: str, dataset: str | None = None, overrides=None) -> Recipe:
