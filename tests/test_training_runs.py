@@ -162,3 +162,13 @@ def test_load_model_rejects_foreign_files(tmp_path):
         runs.load_model(path)
     with pytest.raises(FileNotFoundError):
         runs.load_model(tmp_path / "missing.pt")
+
+
+def test_load_loss_gives_the_trained_loss_of_a_run(store):
+    run_dir = store["first"].run_dir
+    loss, cfg = runs.load_loss(run_dir, data_root=store["root"] / "data", dataset_options=OPTIONS)
+    saved = torch.load(run_dir / "checkpoint.pt", weights_only=False)["loss"]
+    assert cfg.name == "happier_generated" and not loss.training
+    assert saved and all(torch.equal(loss.state_dict()[k], v) for k, v in saved.items())
+    with pytest.raises(FileNotFoundError):
+        runs.load_loss(store["root"] / "nowhere")
