@@ -40,6 +40,14 @@ def test_cluster_history_frame_counts_changes_and_agreement():
     assert frame["changed"].tolist()[4:] == [0, 0]
     assert frame["ari"].tolist()[2:] == pytest.approx([1.0] * 4)
     assert frame["ari"][0] == pytest.approx(adjusted_rand_score(TRUTH[:, 1], FINE % 4))
+    parity = FINE % 2
+    with_reference = P.cluster_history_frame(history, TRUTH, references={"parity": parity})
+    assert with_reference["ari parity"][0] == pytest.approx(adjusted_rand_score(parity, FINE % 4))
+    assert with_reference["ari parity"][3] == pytest.approx(adjusted_rand_score(parity, TRUTH[:, 2]))
+    fig = P.cluster_history_figure(with_reference)
+    assert len(fig.data) == 6 and fig.data[2].line.dash == "dash" and "parity" in fig.data[2].name
+    with pytest.raises(ValueError, match="one entry per fine class"):
+        P.cluster_history_frame(history, TRUTH, references={"parity": parity[:5]})
     with pytest.raises(ValueError, match="rows"):
         P.cluster_history_frame(history, TRUTH[:6])
     with pytest.raises(ValueError, match="empty"):

@@ -5,6 +5,7 @@
   level, how many fine classes changed cluster since the clustering before (cluster ids are
   arbitrary, so the clusters are first matched one to one) and how well the clusters agree with
   the dataset's true labels (adjusted Rand index, ARI: 1 = the same partition, about 0 = chance);
+  (and, optionally, with other partitions of the classes, such as their colour);
 - :func:`cluster_history_figure` plots both against the training step;
 - :func:`proxy_projection` projects the L2-normalised proxies to 2-D with a PCA fitted on the fine
   proxies, the coarse ones placed in the same plane;
@@ -17,7 +18,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
@@ -82,7 +83,12 @@ def changed_classes(before, after) -> int:
     return int(before.size - table[rows, cols].sum())
 
 
-def cluster_history_frame(history: Sequence, class_labels, level_names: Sequence[str] | None = None) -> pd.DataFrame:
+def cluster_history_frame(
+    history: Sequence,
+    class_labels,
+    level_names: Sequence[str] | None = None,
+    references: Mapping[str, Sequence] | None = None,
+) -> pd.DataFrame:
     """One row per (clustering, coarse level): ``step``, ``level`` (its index, 1 = first coarse
     level), ``level_name``, ``changed`` (fine classes whose cluster changed since the clustering
     before; missing for the first) and ``ari`` (adjusted Rand index of the clusters of the fine
@@ -92,6 +98,8 @@ def cluster_history_frame(history: Sequence, class_labels, level_names: Sequence
         history: :class:`hapkit.losses.proxies.ClusterRecord` s, or ``(step, assignments)`` pairs.
         class_labels: (C, L) true labels of the C fine classes, row c for fine class c.
         level_names: names of the true label columns (default ``level 0``, ``level 1``...).
+        references: other partitions of the fine classes to compare every level with, by name
+            (e.g. ``{"colour": colour_of_each_class}``): one more column ``ari <name>`` each.
     """
     from sklearn.metrics import adjusted_rand_score
 
@@ -104,6 +112,10 @@ def cluster_history_frame(history: Sequence, class_labels, level_names: Sequence
     if truth.shape[0] != fine:
         raise ValueError(f"class_labels has {truth.shape[0]} rows but the history clusters {fine} fine classes")
     names = list(level_names) if level_names is not None else [f"level {c}" for c in range(truth.shape[1])]
+    others = {str(k): _array(v).ravel() for k, v in dict(references or {}).items()}
+    wrong = {k: v.shape for k, v in others.items() if v.shape != (fine,)}
+    if wrong:
+        raise ValueError(f"references need one entry per fine class ({fine}): {wrong}")
     rows, previous = [], {}
     for record in records:
         for level in range(1, len(record.assignments) + 1):
@@ -114,6 +126,7 @@ def cluster_history_frame(history: Sequence, class_labels, level_names: Sequence
                 "level_name": names[level] if level < len(names) else f"level {level}",
                 "changed": changed_classes(previous[level], clusters) if level in previous else np.nan,
                 "ari": adjusted_rand_score(truth[:, level], clusters) if level < truth.shape[1] else np.nan,
+                **{f"ari {name}": adjusted_rand_score(other, clusters) for name, other in others.items()},
             })
             previous[level] = clusters
     frame = pd.DataFrame(rows)
@@ -122,11 +135,13 @@ def cluster_history_frame(history: Sequence, class_labels, level_names: Sequence
 
 
 _LEVEL_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd")
+_DASHES = ("dash", "dot", "dashdot", "longdash")
 
 
 def cluster_history_figure(frame: pd.DataFrame, title: str | None = None) -> go.Figure:
     """Two panels over the training step, one trace per coarse level in each: bars of the fine
-    classes that changed cluster at each re-clustering, lines of the ARI with the true labels."""
+    classes that changed cluster at each re-clustering, lines of the ARI with the true labels
+    (and dashed lines of the ARI with each reference partition of the frame, ``ari <name>``)."""
     from plotly.subplots import make_subplots
 
     missing = {"step", "level", "level_name", "changed", "ari"} - set(frame.columns)
@@ -141,6 +156,11 @@ def cluster_history_figure(frame: pd.DataFrame, title: str | None = None) -> go.
                              marker_color=colour, legendgroup=name), row=1, col=1)
         fig.add_trace(go.Scatter(x=rows["step"].tolist(), y=rows["ari"].tolist(), mode="lines+markers",
                                  name=f"{name}: ARI", line=dict(color=colour), legendgroup=name), row=1, col=2)
+        for dash, other in zip(_DASHES, [c for c in frame.columns if c.startswith("ari ")]):
+            fig.add_trace(go.Scatter(x=rows["step"].tolist(), y=rows[other].tolist(), mode="lines+markers",
+                                     name=f"{name} clusters: ARI with {other[4:]}", legendgroup=name,
+                                     line=dict(color=colour, dash=dash), marker=dict(symbol="circle-open")),
+                          row=1, col=2)
     fig.update_xaxes(title="training step", showgrid=True, gridcolor="#eee")
     fig.update_yaxes(title="classes", row=1, col=1, showgrid=True, gridcolor="#eee")
     fig.update_yaxes(title="ARI", row=1, col=2, showgrid=True, gridcolor="#eee", zeroline=True, zerolinecolor="#bbb")
