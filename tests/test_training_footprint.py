@@ -119,3 +119,17 @@ def test_the_benchmark_measures_through_the_library(monkeypatch):
     assert calls == [(256, 128), (256, None), (1024, 128), (1024, None), (4096, 128)]
     assert rows[3]["note"].startswith("failed") and rows[5]["note"].startswith("skipped")
     assert rows[0] == {"batch": 256, "sub_batch": 128, "ms_per_image": 2.0, "peak_mb": 1032.0}
+
+
+def test_a_child_process_reports_its_own_peak_not_its_parents():
+    """Linux carries ru_maxrss over fork and exec: a child of a large process must not inherit it."""
+    import subprocess
+    import sys
+
+    ballast = np.ones(600 * 2**20 // 8)  # 600 MB of touched pages in this process
+    parent = footprint._peak_resident_mb()
+    code = "from hapkit.training.footprint import _peak_resident_mb; print(_peak_resident_mb())"
+    root = str(Path(__file__).resolve().parents[1])
+    child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                 cwd=root).stdout)
+    assert ballast.sum() > 0 and 0 < child < parent - 300

@@ -6,7 +6,7 @@ the same process would report the large one's peak. :func:`measure_step` therefo
 Python process for every configuration; the process trains the recipe for a few steps through
 :class:`hapkit.training.engine.Trainer` and reports
 
-- on a CPU, the peak resident set size (``ru_maxrss``: interpreter, torch, model, data and step);
+- on a CPU, the peak resident set size (Linux ``VmHWM``: interpreter, torch, model, data, step);
 - on CUDA, ``torch.cuda.max_memory_allocated`` (the tensors, not the caching allocator's reserve);
 
 and, with the same measure, the memory already in use when the first step starts, so that the
@@ -64,7 +64,7 @@ class StepFootprint:
     steps: int
     device: str
     peak_mb: float  # peak of the measure over the process (CPU: resident set; CUDA: allocated)
-    before_mb: float  # the same measure when the first step starts
+    before_mb: float  # the same measure when the first step starts (CPU: the peak until then)
     ms_per_image: float  # median over the steps after the first (the first allocates); the first if alone
 
     @property
@@ -284,12 +284,28 @@ def multistage_gradient_difference(
 # ------------------------------------------------------------------------- measuring process
 
 
+def _peak_resident_mb() -> float:
+    """Peak resident set of this process's own memory since it started (Linux: VmHWM).
+
+    Not ``ru_maxrss``: Linux carries that high-water mark over ``fork`` and ``exec``, so a child
+    started from a large process (a notebook kernel) would report its parent's peak."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, kB elsewhere
+
+
 def _memory_mb(device: torch.device, peak: bool) -> float:
     if device.type == "cuda":
         return (torch.cuda.max_memory_allocated(device) if peak else torch.cuda.memory_allocated(device)) / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+    return _peak_resident_mb()
 
 
 def _run_job(job: dict) -> dict:
