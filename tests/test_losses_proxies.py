@@ -141,6 +141,61 @@ def test_learned_value_uses_pseudo_labels_and_state_round_trips():
     assert other(x, labels).item() == pytest.approx(hpl(x, labels).item(), abs=1e-6)
 
 
+def test_cluster_record_keeps_every_clustering_at_its_step():
+    x, labels = batch()
+    hpl = HierarchicalProxyLoss(8, embedding_size=8, num_coarse=[4, 2], recluster_every=3, record_clusters=True)
+    expected = [(0, hpl.assignment(1).clone(), hpl.assignment(2).clone())]
+    for _ in range(7):
+        hpl(x, labels)
+        if int(hpl.iteration) - 1 in (3, 6):  # this call re-clustered before counting itself
+            expected.append((int(hpl.iteration) - 1, hpl.assignment(1).clone(), hpl.assignment(2).clone()))
+    hpl.eval()
+    hpl(x, labels)  # evaluation calls never re-cluster, hence never record
+    history = hpl.cluster_history
+    assert [r.step for r in history] == [0, 3, 6]
+    for record, (step, a1, a2) in zip(history, expected):
+        assert record.step == step
+        assert torch.equal(record.assignments[0], a1) and torch.equal(record.assignments[1], a2)
+        assert record.assignments[0].shape == (8,) and record.assignments[1].shape == (4,)
+        assert sorted(record.assignments[0].unique().tolist()) == [0, 1, 2, 3]
+        assert sorted(record.assignments[1].unique().tolist()) == [0, 1]
+    last = history[-1]
+    assert torch.equal(last.fine_clusters(1), hpl.pseudo_labels(torch.arange(8))[:, 1])
+    assert torch.equal(last.fine_clusters(2), hpl.pseudo_labels(torch.arange(8))[:, 2])
+    with pytest.raises(ValueError, match="level"):
+        last.fine_clusters(3)
+
+
+def test_cluster_record_is_off_by_default_and_travels_in_the_state_dict():
+    x, labels = batch()
+    plain = HierarchicalProxyLoss(8, embedding_size=8, num_coarse=2, recluster_every=2)
+    for _ in range(5):
+        plain(x, labels)
+    assert plain.cluster_history == [] and "cluster_history" not in plain.state_dict()
+
+    hpl = HierarchicalProxyLoss(8, embedding_size=8, num_coarse=[4, 2], recluster_every=2, record_clusters=True)
+    for _ in range(5):
+        hpl(x, labels)
+    state = hpl.state_dict()
+    assert state["cluster_history"].shape == (3, 1 + 8 + 4)  # steps 0, 2, 4
+    other = HierarchicalProxyLoss(8, embedding_size=8, num_coarse=[4, 2], seed=4, record_clusters=True)
+    other.load_state_dict(state)
+    assert [r.step for r in other.cluster_history] == [0, 2, 4]
+    for a, b in zip(other.cluster_history, hpl.cluster_history):
+        assert all(torch.equal(u, v) for u, v in zip(a.assignments, b.assignments))
+    with pytest.raises(RuntimeError, match="cluster_history"):  # a loss without the record refuses it
+        HierarchicalProxyLoss(8, embedding_size=8, num_coarse=[4, 2]).load_state_dict(state)
+    with pytest.raises(RuntimeError, match="cluster_history"):  # and a recording one needs it
+        HierarchicalProxyLoss(8, embedding_size=8, num_coarse=[4, 2], record_clusters=True).load_state_dict(
+            HierarchicalProxyLoss(8, embedding_size=8, num_coarse=[4, 2]).state_dict())
+    with pytest.raises(RuntimeError, match="does not fit"):
+        HierarchicalProxyLoss(9, embedding_size=8, num_coarse=[4, 2], record_clusters=True).load_state_dict(
+            {**HierarchicalProxyLoss(9, embedding_size=8, num_coarse=[4, 2]).state_dict(),
+             "cluster_history": state["cluster_history"]})
+    with pytest.raises(ValueError, match="learned hierarchy"):
+        HierarchicalProxyLoss([8, 2], embedding_size=8, record_clusters=True)
+
+
 def test_construction_is_seeded_and_leaves_global_rng_alone():
     state = torch.get_rng_state()
     a = HierarchicalProxyLoss(6, embedding_size=4, num_coarse=2, seed=3)

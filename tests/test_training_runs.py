@@ -215,3 +215,13 @@ def test_cached_grid_writes_the_layout_of_the_batch_grid(tmp_path):
         runs.cached_grid(["happier_generated"], seeds=[0], epochs=1, out=out, cache_dir=tmp_path / "cache",
                          overrides=TINY, data_root=tmp_path / "data", dataset_options=OPTIONS, progress=False)
     assert calls == []
+
+
+def test_load_loss_gives_the_trained_loss_of_a_run(store):
+    run_dir = store["first"].run_dir
+    loss, cfg = runs.load_loss(run_dir, data_root=store["root"] / "data", dataset_options=OPTIONS)
+    saved = torch.load(run_dir / "checkpoint.pt", weights_only=False)["loss"]
+    assert cfg.name == "happier_generated" and not loss.training
+    assert saved and all(torch.equal(loss.state_dict()[k], v) for k, v in saved.items())
+    with pytest.raises(FileNotFoundError):
+        runs.load_loss(store["root"] / "nowhere")

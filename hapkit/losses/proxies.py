@@ -13,7 +13,7 @@ engine does), as for any proxy loss.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ from hapkit.hierarchy import LabelError, as_label_tensor
 from hapkit.losses.base import HapkitLoss, prepare_inputs
 from hapkit.losses.rank import float32_compute
 
-__all__ = ["HierarchicalProxyLoss", "CSLLoss", "PROXY_BASES"]
+__all__ = ["HierarchicalProxyLoss", "ClusterRecord", "CSLLoss", "PROXY_BASES"]
 
 PROXY_BASES = ("proxy_anchor", "proxy_nca")
 
@@ -70,6 +70,24 @@ def _kmeans(points: np.ndarray, k: int, seed: int) -> np.ndarray:
     return renumber[ids]
 
 
+class ClusterRecord(NamedTuple):
+    """One clustering of a learned hierarchy: ``step`` training calls had been made before it
+    (0: the clustering at construction); ``assignments[l - 1]`` holds the cluster of every class
+    of level l - 1 at coarse level l."""
+
+    step: int
+    assignments: tuple[torch.Tensor, ...]
+
+    def fine_clusters(self, level: int) -> torch.Tensor:
+        """Cluster at coarse ``level`` (1 = first coarse level) of every fine class."""
+        if not 1 <= level <= len(self.assignments):
+            raise ValueError(f"level must be between 1 and {len(self.assignments)}, got {level}")
+        ids = self.assignments[0]
+        for below in self.assignments[1:level]:
+            ids = below[ids]
+        return ids
+
+
 class HierarchicalProxyLoss(HapkitLoss):
     """Hierarchical proxy loss (HPL, Yang et al., WACV 2022): a weighted sum of proxy losses.
 
@@ -91,6 +109,11 @@ class HierarchicalProxyLoss(HapkitLoss):
       its members (between re-clusterings it is learned like the others, and the optimizer's
       running moments for it are left as they are). Only label column 0 is used.
 
+    With ``record_clusters`` the loss keeps every clustering (the one at construction and each
+    re-clustering) in :attr:`cluster_history`, a list of :class:`ClusterRecord`, to follow how the
+    learned hierarchy evolves. The record is a few integers per clustering and goes into the state
+    dict (key ``cluster_history``), so that a checkpoint keeps it.
+
     Defaults not fixed by the paper (which tunes them per dataset) are hapkit's choices: equal
     level weights and ``recluster_every=100``. Proxies are initialised from ``seed`` without
     touching the global random state; k-means is seeded by ``seed`` and the iteration count.
@@ -102,6 +125,7 @@ class HierarchicalProxyLoss(HapkitLoss):
         level_weights: one weight per level, finest first (default 1 each).
         num_coarse: coarse proxy counts for the learned hierarchy, decreasing.
         recluster_every: training calls between re-clusterings (None: only at construction).
+        record_clusters: keep :attr:`cluster_history` (learned hierarchy only).
         base_kwargs: passed to the pytorch-metric-learning loss (e.g. ``margin``, ``alpha``).
     """
 
@@ -128,6 +152,7 @@ class HierarchicalProxyLoss(HapkitLoss):
         recluster_every: int | None = 100,
         seed: int = 0,
         base_kwargs: dict | None = None,
+        record_clusters: bool = False,
     ):
         super().__init__()
         if base not in PROXY_BASES:
@@ -153,6 +178,11 @@ class HierarchicalProxyLoss(HapkitLoss):
                     )
             if recluster_every is not None and recluster_every < 1:
                 raise ValueError(f"recluster_every must be >= 1 or None, got {recluster_every}")
+        elif record_clusters:
+            raise ValueError(
+                "HierarchicalProxyLoss: record_clusters needs the learned hierarchy (num_coarse): "
+                "with a given hierarchy nothing is clustered"
+            )
         weights = [1.0] * len(sizes) if level_weights is None else [float(w) for w in level_weights]
         if len(weights) != len(sizes):
             raise ValueError(
@@ -164,6 +194,8 @@ class HierarchicalProxyLoss(HapkitLoss):
         self.embedding_size = embedding_size
         self.recluster_every = recluster_every
         self.seed = seed
+        self.record_clusters = bool(record_clusters)
+        self.cluster_history: list[ClusterRecord] = []
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.level_losses = nn.ModuleList(
@@ -204,6 +236,44 @@ class HierarchicalProxyLoss(HapkitLoss):
             target = self.proxies(lvl)
             target.data.copy_(F.normalize(sums, dim=1).to(target.dtype))
             self.assignment(lvl).copy_(ids.to(self.assignment(lvl).device))
+        if self.record_clusters:
+            assignments = tuple(self.assignment(lvl).cpu().clone() for lvl in range(1, self.num_levels))
+            self.cluster_history.append(ClusterRecord(int(self.iteration), assignments))
+
+    # The record travels in the state dict as one (clusterings, 1 + classes below each coarse
+    # level) integer tensor: the step, then the assignments level by level.
+    _HISTORY_KEY = "cluster_history"
+
+    def _history_tensor(self) -> torch.Tensor:
+        width = 1 + sum(self.sizes[:-1])
+        rows = [torch.cat([torch.tensor([r.step]), *r.assignments]) for r in self.cluster_history]
+        return torch.stack(rows) if rows else torch.zeros(0, width, dtype=torch.long)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.record_clusters:
+            destination[prefix + self._HISTORY_KEY] = self._history_tensor()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + self._HISTORY_KEY
+        if self.record_clusters:
+            if key in state_dict:
+                table = state_dict.pop(key)
+                if table.dim() != 2 or table.shape[1] != 1 + sum(self.sizes[:-1]):
+                    error_msgs.append(
+                        f"{key}: shape {tuple(table.shape)} does not fit class counts {self.sizes}"
+                    )
+                else:
+                    bounds = np.cumsum([1, *self.sizes[:-1]]).tolist()
+                    self.cluster_history = [
+                        ClusterRecord(int(row[0]), tuple(row[a:b].clone() for a, b in zip(bounds[:-1], bounds[1:])))
+                        for row in table.long()
+                    ]
+            elif strict:
+                missing_keys.append(key)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def pseudo_labels(self, fine_labels: torch.Tensor) -> torch.Tensor:
         """(B, num_levels) labels of the learned hierarchy for fine labels (B,)."""
@@ -240,9 +310,10 @@ class HierarchicalProxyLoss(HapkitLoss):
 
     def extra_repr(self) -> str:
         mode = "learned" if self.learned else "given"
+        recorded = ", record_clusters=True" if self.record_clusters else ""
         return (
             f"sizes={self.sizes}, hierarchy={mode}, level_weights={self.level_weights}, "
-            f"recluster_every={self.recluster_every if self.learned else None}"
+            f"recluster_every={self.recluster_every if self.learned else None}{recorded}"
         )
 
 

@@ -5,7 +5,8 @@ loading a checkpoint, embedding a split, writing a run's metrics.
   run is cached under ``<cache_dir>/runs/<recipe>-e<epochs>-seed<seed>-<hash>`` (the hash covers
   every recipe value), so that a second notebook asking for the same run reuses the first one's.
 - :func:`load_model` is the one checkpoint -> model loader; :func:`initial_model` is the network
-  of a recipe at its random initialisation (the baseline that shows what training changed).
+  of a recipe at its random initialisation (the baseline that shows what training changed);
+  :func:`load_loss` gives the trained loss of a checkpoint (its proxies or class weights).
 - :func:`embed_split` embeds a split with the recipe's test transform; :func:`trained_embeddings`
   / :func:`untrained_embeddings` do the above and cache the embeddings beside the run.
 - :func:`write_run_metrics` writes a finished run's ``metrics.json`` (:mod:`hapkit.results`).
@@ -46,6 +47,7 @@ __all__ = [
     "run_key",
     "train_cached",
     "load_model",
+    "load_loss",
     "initial_model",
     "embed_split",
     "trained_embeddings",
@@ -148,6 +150,30 @@ def load_model(checkpoint, device=None):
     model = build_model(dataclasses.replace(cfg.model, pretrained=False))
     model.load_state_dict(state["model"])
     return model.to(device or "cpu").eval(), cfg
+
+
+def load_loss(checkpoint, data_root=None, dataset_options: Mapping | None = None, device=None):
+    """The trained loss of a checkpoint (or run directory) and its recipe: ``(loss, cfg)``.
+
+    The loss is rebuilt from the recipe and the training labels (read from the recipe's dataset,
+    with ``data_root`` / ``dataset_options`` as for training), then given the checkpoint's loss
+    state: learned proxies, class weights, a learned hierarchy and its record.
+    """
+    from hapkit.training.engine import CHECKPOINT_NAME, build_loss
+
+    path = Path(checkpoint)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    state = load_checkpoint(path)
+    if "loss" not in state or "recipe" not in state:
+        raise ValueError(f"{path} is not a hapkit training checkpoint (it has no 'loss' and 'recipe' entries)")
+    cfg = from_dict(Recipe, state["recipe"])
+    train_labels = build_train_set(cfg.data, root=data_root, options=dataset_options).labels
+    # the loss was sized by the built model (a model without a linear head embeds its pooled features)
+    embedding_size = build_model(dataclasses.replace(cfg.model, pretrained=False)).embedding_size
+    loss = build_loss(cfg, train_labels, embedding_size=embedding_size)
+    loss.load_state_dict(state["loss"])
+    return loss.to(device or "cpu").eval(), cfg
 
 
 def initial_model(cfg, device=None):
