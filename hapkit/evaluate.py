@@ -38,9 +38,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hapkit.hierarchy import LabelError, as_label_tensor, check_tree, relevance as relevance_fn, shared_levels
-from hapkit.metrics import RankedRelevant, Workspace, rank_relevant
+from hapkit.metrics import RankedRelevant, Workspace, neighbour_agreement, rank_relevant, top1_failures
 
-__all__ = ["evaluate", "RetrievalResults", "extract_embeddings", "METRIC_FAMILIES", "metric_names"]
+__all__ = ["evaluate", "RetrievalResults", "extract_embeddings", "METRIC_FAMILIES", "metric_names",
+           "nearest_neighbours", "neighbourhood_metrics"]
 
 METRIC_FAMILIES = ("H-AP", "ASI", "NDCG", "AP", "mAP@R", "R@k", "P@1", "AP#")
 _TOPK_FAMILIES = frozenset({"R@k", "P@1"})
@@ -940,3 +941,81 @@ def extract_embeddings(model, loader, device=None, amp: bool = True, progress: b
     if labels.shape[0] != embeddings.shape[0]:
         raise ValueError(f"the model returned {embeddings.shape[0]} embeddings for {labels.shape[0]} labels")
     return embeddings, labels
+
+
+# ----------------------------------------------------------------------------------------------
+# Neighbourhoods: how an embedding space is organised, level by level
+
+
+def nearest_neighbours(
+    embeddings,
+    k: int,
+    gallery_embeddings=None,
+    chunk_size: int | None = None,
+    device=None,
+    use_faiss: bool | None = None,
+) -> torch.Tensor:
+    """(Q, k) int64 indices of each query's k most similar gallery items (inner product), most
+    similar first, ties to the lower index (as :func:`evaluate` ranks them).
+
+    Without ``gallery_embeddings`` every item is a query against all the others (itself left
+    out). ``use_faiss``: as :func:`evaluate` (None = when faiss is installed and on CPU); the
+    exact tie order is kept either way. Memory: one chunk of (queries x gallery) scores at a time.
+    """
+    query = _as_embeddings(embeddings, "embeddings")
+    same_set = gallery_embeddings is None
+    gallery = query if same_set else _as_embeddings(gallery_embeddings, "gallery_embeddings")
+    if gallery.shape[1] != query.shape[1]:
+        raise ValueError(f"queries are {query.shape[1]}-d but the gallery is {gallery.shape[1]}-d")
+    available = gallery.shape[0] - (1 if same_set else 0)
+    if not 1 <= int(k) <= available:
+        raise ValueError(f"k must be between 1 and {available} (the gallery size{' minus the query' if same_set else ''}), got {k}")
+    k = int(k)
+    dev = torch.device(device) if device is not None else query.device
+    faiss = _faiss()
+    if use_faiss and faiss is None:
+        raise ImportError("use_faiss=True but faiss is not installed: pip install faiss-cpu (or faiss-gpu)")
+    use_faiss = (faiss is not None and dev.type == "cpu") if use_faiss is None else bool(use_faiss)
+    gallery_dev = gallery.to(dev)
+    elements = _CUDA_CHUNK_ELEMENTS if dev.type == "cuda" else _CPU_CHUNK_ELEMENTS
+    rows = int(chunk_size) if chunk_size else max(1, elements // max(1, gallery.shape[0]))
+    index = None
+    if use_faiss:
+        index = faiss.IndexFlatIP(gallery.shape[1])
+        index.add(np.ascontiguousarray(gallery.float().cpu().numpy()))
+    out = []
+    for start in range(0, query.shape[0], rows):
+        q = query[start:start + rows].to(dev)
+        exclude = torch.arange(start, start + q.shape[0], device=dev) if same_set else None
+        if index is not None:
+            out.append(_topk_faiss(faiss, index, q, gallery_dev, k, exclude))
+        else:
+            out.append(_exact_topk_torch(q @ gallery_dev.T, k, exclude).cpu())
+    return torch.cat(out)
+
+
+def neighbourhood_metrics(embeddings, labels, k: int = 64, **options) -> dict[str, float]:
+    """How the embedding space is organised at every level, as flat metrics (fractions):
+
+    - ``kNN@{k}@{c}``: for label column c, the fraction of each item's k nearest neighbours that
+      share its label at c, averaged over items (:func:`hapkit.metrics.neighbour_agreement`);
+    - ``top1 wrong``: the fraction of items whose nearest neighbour is of another fine class, and
+      ``top1 wrong#{v}`` (v = 0 .. L-1): the fraction of items whose nearest neighbour is wrong
+      and shares exactly v levels with them (0: not even the coarsest label; they sum to
+      ``top1 wrong``), the severity of HAPPIER's failure analysis
+      (:func:`hapkit.metrics.top1_failures`).
+
+    Every item is a query against all the others; ``options`` go to :func:`nearest_neighbours`.
+    """
+    labels = as_label_tensor(labels, "labels")
+    if labels.shape[0] != _as_embeddings(embeddings, "embeddings").shape[0]:
+        raise ValueError(f"{labels.shape[0]} labels for {_as_embeddings(embeddings, 'embeddings').shape[0]} embeddings")
+    neighbours = nearest_neighbours(embeddings, k, **options)
+    agreement = neighbour_agreement(labels, neighbours)
+    failures = top1_failures(labels, neighbours[:, 0])
+    L = labels.shape[1]
+    out = {f"kNN@{k}@{c}": float(agreement[c]) for c in range(L)}
+    N = labels.shape[0]
+    out["top1 wrong"] = float(failures.sum()) / N
+    out.update({f"top1 wrong#{v}": float(failures[v]) / N for v in range(L)})
+    return out

@@ -42,6 +42,8 @@ from typing import Iterable, Sequence
 
 import torch
 
+from hapkit.hierarchy import as_label_tensor
+
 __all__ = [
     "RankedRelevant",
     "Workspace",
@@ -56,6 +58,8 @@ __all__ = [
     "ap_exclusive",
     "ranking_metrics",
     "h_rank_table",
+    "neighbour_agreement",
+    "top1_failures",
 ]
 
 _F64 = torch.float64
@@ -736,3 +740,53 @@ def h_rank_table(
             "precision": torch.where(fine > 0, pos_rank / ranks, torch.zeros_like(ranks)).numpy(),
         }
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# Neighbourhoods
+
+
+def _neighbour_inputs(labels, neighbours, gallery_labels):
+    q = as_label_tensor(labels, "labels")
+    g = q if gallery_labels is None else as_label_tensor(gallery_labels, "gallery_labels")
+    if g.shape[1] != q.shape[1]:
+        raise ValueError(f"labels have {q.shape[1]} level(s) but gallery_labels have {g.shape[1]}")
+    nb = torch.as_tensor(neighbours, dtype=torch.int64)
+    if nb.dim() == 1:
+        nb = nb.unsqueeze(1)
+    if nb.dim() != 2 or nb.shape[0] != q.shape[0]:
+        raise ValueError(f"neighbours must be a ({q.shape[0]}, k) index matrix, one row per labelled item; "
+                         f"got shape {tuple(nb.shape)}")
+    if nb.numel() and (int(nb.max()) >= g.shape[0] or int(nb.min()) < -1):
+        raise ValueError(f"neighbour indices must lie in [0, {g.shape[0]}) (-1 = no neighbour)")
+    return q, g, nb
+
+
+def neighbour_agreement(labels, neighbours, gallery_labels=None) -> torch.Tensor:
+    """(L,) float64: for each label column c, the fraction of the listed neighbours of each item
+    that share its label at c, averaged over the items (the per-level organisation of an
+    embedding space: same-variant, same-shape and same-family neighbours).
+
+    ``neighbours`` is (N, k) indices into ``gallery_labels`` (default: ``labels`` themselves),
+    e.g. from :func:`hapkit.evaluate.nearest_neighbours`; -1 entries (no neighbour) are ignored.
+    """
+    q, g, nb = _neighbour_inputs(labels, neighbours, gallery_labels)
+    valid = nb >= 0
+    counts = valid.sum(1).clamp(min=1).to(_F64)
+    neighbour_labels = g[nb.clamp(min=0)]  # (N, k, L)
+    same = (neighbour_labels == q[:, None, :]) & valid[:, :, None]
+    per_item = same.sum(1).to(_F64) / counts[:, None]
+    has = valid.any(1)
+    return per_item[has].mean(0) if bool(has.any()) else torch.full((q.shape[1],), math.nan, dtype=_F64)
+
+
+def top1_failures(labels, top1, gallery_labels=None) -> torch.Tensor:
+    """(L,) int64 counts of the items whose nearest neighbour ``top1`` is not of their fine class,
+    by the number of levels v = 0 .. L-1 that neighbour shares with them (v = 0: another coarsest
+    label, the most severe mistake; v = L-1: a sibling fine class)."""
+    q, g, nb = _neighbour_inputs(labels, top1, gallery_labels)
+    first = nb[:, 0]
+    valid = first >= 0
+    V = (g[first[valid]] == q[valid]).sum(1)
+    L = q.shape[1]
+    return torch.bincount(V[V < L], minlength=L)[:L]

@@ -278,3 +278,41 @@ def test_extract_embeddings():
     assert torch.allclose(emb2, emb, atol=1e-6) and lab2.shape == (10, 1)
     with pytest.raises(TypeError, match=r"\(images, labels\)"):
         extract_embeddings(net, [images], progress=False)
+
+
+def test_nearest_neighbours_are_the_exact_ranking_with_ties_to_the_lower_index():
+    from hapkit.evaluate import nearest_neighbours
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 8)).astype(np.float32)
+    x[10] = x[3]  # an exact tie
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    s = x @ x.T
+    np.fill_diagonal(s, -np.inf)
+    expected = np.argsort(-s, axis=1, kind="stable")[:, :7]
+    for use_faiss in (False, None):
+        got = nearest_neighbours(x, 7, use_faiss=use_faiss, chunk_size=64).numpy()
+        np.testing.assert_array_equal(got, expected)
+    gallery = rng.normal(size=(50, 8)).astype(np.float32)
+    cross = np.argsort(-(x @ gallery.T), axis=1, kind="stable")[:, :3]
+    np.testing.assert_array_equal(nearest_neighbours(x, 3, gallery_embeddings=gallery).numpy(), cross)
+    with pytest.raises(ValueError, match="k must be between 1 and 299"):
+        nearest_neighbours(x, 300)
+
+
+def test_neighbourhood_metrics_of_a_perfectly_nested_space():
+    from hapkit.evaluate import neighbourhood_metrics
+
+    # 4 coarse groups far apart, 2 fine classes each close together: every neighbour among the
+    # 3 nearest shares the fine class, so nothing fails
+    rng = np.random.default_rng(1)
+    fine = np.repeat(np.arange(8), 4)
+    labels = np.stack([fine, fine // 2], 1)
+    centres = np.eye(8)[fine // 2 * 2] * 10 + np.eye(8)[fine] * 1.0
+    x = centres + 0.01 * rng.normal(size=centres.shape)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    m = neighbourhood_metrics(x, labels, k=3)
+    assert m["kNN@3@0"] == 1.0 and m["kNN@3@1"] == 1.0 and m["top1 wrong"] == 0.0
+    m = neighbourhood_metrics(x, labels, k=7)  # 3 same-class + 4 sibling-class neighbours
+    assert m["kNN@7@0"] == pytest.approx(3 / 7) and m["kNN@7@1"] == pytest.approx(1.0)
+    assert m["top1 wrong#0"] == 0.0 and m["top1 wrong#1"] == 0.0

@@ -450,3 +450,47 @@ def test_queries_without_positive_give_nan():
     ap = M.average_precision(S, P)
     assert math.isnan(float(ap[0])) and float(ap[1]) == 1.0
     assert np.isnan(M.ndcg(S, P.to(torch.long)).numpy()[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# Neighbourhoods
+
+
+def test_neighbour_agreement_by_hand():
+    from hapkit.metrics import neighbour_agreement, top1_failures
+
+    # fine, coarse: items 0,1 in class 0 (coarse 0); 2 in class 1 (coarse 0); 3 in class 2 (coarse 1)
+    labels = np.array([[0, 0], [0, 0], [1, 0], [2, 1]])
+    neighbours = np.array([[1, 2], [2, 3], [0, 1], [0, -1]])  # item 3 has one neighbour listed
+    agree = neighbour_agreement(labels, neighbours)
+    # fine: item0 1/2, item1 0/2, item2 0/2, item3 0/1 -> mean 1/8
+    # coarse: item0 2/2, item1 1/2, item2 2/2, item3 0/1 -> mean 5/8
+    np.testing.assert_allclose(agree.numpy(), [1 / 8, 5 / 8])
+    # top-1: item0 -> 1 right; item1 -> 2 shares the coarse level (v=1); item2 -> 0 shares v=1;
+    # item3 -> 0 shares nothing (v=0)
+    assert top1_failures(labels, neighbours[:, 0]).tolist() == [1, 2]
+    with pytest.raises(ValueError, match=r"\(4, k\) index matrix"):
+        neighbour_agreement(labels, neighbours[:3])
+    with pytest.raises(ValueError, match=r"lie in \[0, 4\)"):
+        neighbour_agreement(labels, neighbours + 5)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 10_000))
+def test_neighbour_agreement_matches_a_loop(seed):
+    from hapkit.metrics import neighbour_agreement, top1_failures
+
+    rng = np.random.default_rng(seed)
+    n, k = 30, 5
+    fine = rng.integers(0, 6, n)
+    labels = np.stack([fine, fine // 2, fine // 4], 1)
+    neighbours = np.stack([rng.choice(np.delete(np.arange(n), i), k, replace=False) for i in range(n)])
+    expected = [np.mean([np.mean([labels[j, c] == labels[i, c] for j in neighbours[i]]) for i in range(n)])
+                for c in range(3)]
+    np.testing.assert_allclose(neighbour_agreement(labels, neighbours).numpy(), expected, atol=1e-12)
+    counts = [0, 0, 0]
+    for i in range(n):
+        v = sum(labels[neighbours[i, 0], c] == labels[i, c] for c in range(3))
+        if v < 3:
+            counts[v] += 1
+    assert top1_failures(labels, neighbours[:, 0]).tolist() == counts

@@ -3,8 +3,9 @@
 Starts JupyterLab on a free loopback port with a temporary workspace and settings, opens notebook
 05 in headless Chromium through Playwright (the system's Chromium, e.g. Debian's ``chromium``
 package; Playwright's own browser download is never used), runs every cell, checks that the
-widgets render without errors, clicks the next-query button and the level toggle, checks that the
-shown query and level change, and saves a screenshot as ``results/jupyterlab_05_ranking_explorer.png``.
+widgets render without errors, clicks the next-query button and the level toggle of the explorer
+and of the two-model comparison explorer, checks that the shown query and level change, and saves
+a screenshot as ``results/jupyterlab_05_ranking_explorer.png``.
 
 Run it alone with ``.venv/bin/python -m pytest tests/test_notebooks_in_jupyterlab.py`` (it needs
 Chromium: ``apt-get install chromium``, or set ``HAPKIT_CHROMIUM`` to a Chromium / Chrome binary).
@@ -120,27 +121,49 @@ def test_the_ranking_explorer_works_in_jupyterlab(jupyterlab):
         assert "Traceback" not in text and "Error displaying widget" not in text, text[-3000:]
         assert not errors, errors
 
-        def shown_query():
-            html = page.inner_html(".jp-Notebook")
-            found = re.findall(r"<b>query (\d+)</b>", html)
-            assert found, "no query shown by the explorer"
-            return found[0]
+        def shown_queries():
+            return re.findall(r"<b>query (\d+)</b>", page.inner_html(".jp-Notebook"))
 
-        page.locator("button.widget-button", has_text="▶").first.scroll_into_view_if_needed()
-        before = shown_query()
-        page.locator("button.widget-button", has_text="▶").first.click()
-        page.wait_for_function(f"!document.querySelector('.jp-Notebook').innerHTML.includes('<b>query {before}</b>')",
+        # the single-model explorer: the next-query button and the level toggle
+        forward = page.locator("button.widget-button", has_text="▶")
+        assert forward.count() >= 2, "expected the explorer and the comparison explorer"
+        forward.first.scroll_into_view_if_needed()
+        before = shown_queries()
+        assert before, "no query shown by the explorer"
+        forward.first.click()
+        page.wait_for_function(f"!document.querySelector('.jp-Notebook').innerHTML.includes('<b>query {before[0]}</b>')",
                                timeout=30_000)
-        assert shown_query() != before
-        toggles = page.locator(".widget-toggle-buttons button")
-        assert toggles.count() >= 2
-        coarse = toggles.last
+        assert shown_queries()[0] != before[0]
+        groups = page.locator(".widget-toggle-buttons")
+        assert groups.count() >= 2
+        coarse = groups.first.locator("button").last
         label = coarse.inner_text().strip()
         coarse.click()
         page.wait_for_function(
             f"document.querySelector('.jp-Notebook').innerText.includes('binary AP at {label}')", timeout=30_000
         )
         assert "mod-active" in (coarse.get_attribute("class") or "")
+
+        # the comparison explorer: one header per model; its query slider follows its ▶ button,
+        # and its level toggle changes the AP both headers show
+        text = page.inner_text(".jp-Notebook")
+        assert "HAPPIER: H-AP" in text and "SupAP: H-AP" in text, text[-2000:]
+        readout = page.locator(".widget-hslider", has=page.locator("label", has_text="query")).last.locator(".widget-readout")
+        shown = readout.inner_text().strip()
+        forward.last.scroll_into_view_if_needed()
+        forward.last.click()
+        deadline = time.time() + 30
+        while readout.inner_text().strip() == shown and time.time() < deadline:
+            time.sleep(0.2)
+        assert readout.inner_text().strip() != shown
+        family = groups.last.locator("button").last
+        family_label = family.inner_text().strip()
+        family.click()
+        headers = [page.locator(".widget-html", has_text=f"{name}: H-AP").last for name in ("HAPPIER", "SupAP")]
+        deadline = time.time() + 30
+        while not all(f"AP@{family_label} " in h.inner_text() for h in headers) and time.time() < deadline:
+            time.sleep(0.2)
+        assert all(f"AP@{family_label} " in h.inner_text() for h in headers), [h.inner_text() for h in headers]
         out = ROOT / "results"
         out.mkdir(exist_ok=True)
         page.screenshot(path=str(out / "jupyterlab_05_ranking_explorer.png"), full_page=False)
