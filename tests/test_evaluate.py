@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -17,9 +15,9 @@ from hypothesis import strategies as st
 
 from hapkit.evaluate import RetrievalResults, evaluate, extract_embeddings, metric_names
 from hapkit.hierarchy import LabelError, relevance as make_relevance, shared_levels
+from reference_values import load_reference
 from test_metrics import assert_close, bf_metrics
 
-REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
 KS = (1, 2, 4)
 
 
@@ -70,10 +68,7 @@ def _reference_name(key: str) -> str:
 
 
 def test_reproduces_reference_metrics_same_set():
-    path = REFERENCE / "metrics_same_set.json"
-    if not path.exists():
-        pytest.skip(f"reference values not found ({path.name} beside the repository's shared/ folder)")
-    ref = json.loads(path.read_text())
+    ref = load_reference("metrics_same_set.json")
     emb = torch.tensor(ref["embeddings"], dtype=torch.float32)
     labels = torch.tensor(ref["labels"])
     res = evaluate(emb, labels, progress=False)

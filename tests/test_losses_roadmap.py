@@ -1,24 +1,12 @@
 """SupAP, CalibrationLoss and ROADMAP: authors' reference values, dense forms, bounds, training."""
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from hapkit.losses import ROADMAP, CalibrationLoss, SupAP
 from hapkit.metrics import average_precision
-
-REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
-
-
-def load_reference(name):
-    path = REFERENCE / name
-    if not path.exists():
-        pytest.skip(f"reference values {name} are not available beside this checkout ({path.parent})")
-    data = json.loads(path.read_text())
-    return data, torch.tensor(data["embeddings"], dtype=torch.float32), torch.tensor(data["labels"])
+from reference_values import reference_batch
 
 
 def unit(B, D, seed, dtype=torch.float64):
@@ -86,7 +74,7 @@ def check(loss, dense, emb, labels, *ref, **dense_kwargs):
 
 
 def test_reproduces_authors_reference_value_and_gradient():
-    data, emb, labels = load_reference("supap_loss_batch.json")
+    data, emb, labels = reference_batch("supap_loss_batch.json")
     x = emb.clone().requires_grad_(True)
     value = SupAP()(x, labels)
     value.backward()
