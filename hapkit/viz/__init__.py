@@ -8,6 +8,10 @@ train (this wing imports nothing of :mod:`hapkit.training`).
 - :mod:`hapkit.viz.explorer` (ipywidgets) over :mod:`hapkit.viz.explorer_state` (plain data).
 """
 
+from hapkit._lazy import require_extra
+
+require_extra("notebooks", "plotly", "ipywidgets", what="hapkit.viz")
+
 from hapkit.viz.ranking import agreement_figure, level_colors, level_label, metric_curve_figure, ranking_figure
 
 __all__ = ["level_colors", "level_label", "ranking_figure", "metric_curve_figure", "agreement_figure"]
