@@ -71,7 +71,7 @@ def check_against_dense(loss, emb, labels, ref=None, **dense_kwargs):
     if ref is None:
         value = loss(x, labels)
     else:
-        value = loss(x, labels, ref[0].float(), ref[1])
+        value = loss(x, labels, ref_emb=ref[0].float(), ref_labels=ref[1])
     (grad,) = torch.autograd.grad(value, x)
     xr = emb.clone().requires_grad_(True)
     if ref is None:

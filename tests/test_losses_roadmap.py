@@ -61,7 +61,8 @@ def dense_calibration(emb, labels, column=0, pos_margin=0.9, neg_margin=0.6):
 
 def check(loss, dense, emb, labels, *ref, **dense_kwargs):
     x = emb.float().clone().requires_grad_(True)
-    value = loss(x, labels, *[r.float() if r.is_floating_point() else r for r in ref])
+    ref_emb, ref_labels = (ref[0].float(), ref[1]) if ref else (None, None)
+    value = loss(x, labels, ref_emb=ref_emb, ref_labels=ref_labels)
     (grad,) = torch.autograd.grad(value, x)
     xr = emb.clone().requires_grad_(True)
     expected = dense(xr, labels, *ref, **dense_kwargs)
@@ -146,7 +147,7 @@ def test_calibration_with_the_batch_as_reference_set_equals_same_batch():
     # the pair of an item with itself has s = 1 > 0.9: a zero term, outside the non-zero means
     emb, labels = unit(20, 6, 7).float(), two_level_labels(20, 7)
     loss = CalibrationLoss()
-    assert loss(emb, labels, emb, labels).item() == pytest.approx(loss(emb, labels).item(), abs=1e-6)
+    assert loss(emb, labels, ref_emb=emb, ref_labels=labels).item() == pytest.approx(loss(emb, labels).item(), abs=1e-6)
 
 
 def test_roadmap_is_weighted_sum():

@@ -49,7 +49,8 @@ class ListwiseAP(HapkitLoss):
         exclude_self: drop the query from its own ranking (default False, see SPEC).
 
     ``ListwiseAP.from_preset("suprank")`` builds the ROADMAP/SupRank configuration.
-    Call: ``loss(embeddings, labels, ref_emb=None, ref_labels=None)`` with L2-normalised
+    Call: ``loss(embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None)`` (PML's
+    order; ``indices_tuple`` is ignored) with L2-normalised
     embeddings; similarities are dot products.
     """
 
@@ -108,7 +109,7 @@ class ListwiseAP(HapkitLoss):
             ap = (precision * pos_counts).sum(-1) / n_pos.clamp(min=1)
             return ap, n_pos
 
-    def forward(self, embeddings, labels, ref_emb=None, ref_labels=None):
+    def batch_loss(self, embeddings, labels, ref_emb=None, ref_labels=None):
         ap, n_pos = self.per_query(embeddings, labels, ref_emb, ref_labels)
         return reduce_queries(ap, n_pos)
 

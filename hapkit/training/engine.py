@@ -483,7 +483,7 @@ class Trainer:
         if self.dist.enabled and self.loss_fn.takes_reference_set:
             ref = gather_with_grad(emb)
             ref_labels = all_gather_nograd(labels)
-            loss = self.loss_fn(emb, labels, ref, ref_labels)
+            loss = self.loss_fn(emb, labels, ref_emb=ref, ref_labels=ref_labels)
         else:
             loss = self.loss_fn(emb, labels)
         return loss, emb
