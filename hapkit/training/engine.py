@@ -52,6 +52,7 @@ from hapkit.training.distributed import (
     init_distributed,
 )
 from hapkit.training.loading import make_train_loader
+from hapkit.training.memory import TrainingMemory
 from hapkit.training.models import build_model
 from hapkit.training.optim import build_group
 
@@ -329,6 +330,8 @@ class Trainer:
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.loss_fn = build_loss(cfg, self.train_labels).to(self.device)
+        self.memory = TrainingMemory.from_recipe(cfg.train.memory, self.loss_fn, cfg.model.embedding_size,
+                                                 self.train_labels.shape[1], cfg.data.batch_size, self.device)
 
         epochs = cfg.train.epochs
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
@@ -404,6 +407,7 @@ class Trainer:
             "history": list(self.history),
             "rng": rng,
             "world_size": self.dist.world_size,
+            "memory": None if self.memory is None else self.memory.state_dict(),
             "finished": self.epoch >= self.cfg.train.epochs,
         }
 
@@ -428,6 +432,8 @@ class Trainer:
         self._epoch_loss = state["epoch_loss"].to(self.device)
         self._epoch_steps = state["epoch_steps"]
         self.history = list(state["history"])
+        if self.memory is not None:
+            self.memory.load_state_dict(state["memory"])
         rng = state["rng"]
         if len(rng) == self.dist.world_size:
             set_rng_state(rng[self.dist.rank])
@@ -485,7 +491,10 @@ class Trainer:
             ref_labels = all_gather_nograd(labels)
             loss = self.loss_fn(emb, labels, ref_emb=ref, ref_labels=ref_labels)
         else:
+            ref, ref_labels = emb, labels
             loss = self.loss_fn(emb, labels)
+        if self.memory is not None:  # the global batch enters the memory, this process's queries rank against it
+            loss = self.memory.combine(loss, emb, labels, ref, ref_labels, self.epoch)
         return loss, emb
 
     def _optimizer_step(self, frozen: bool) -> None:
