@@ -16,6 +16,8 @@ Result names (``RetrievalResults.summary`` and the columns of ``.per_query``), c
 - ``mAP@R@c``: mAP@R at level c;
 - ``R@k@c``: recall rate at k at level c, for every k in ``ks``;
 - ``P@1@c``: precision at 1 at level c;
+- ``ASI@c``: binary ASI at level c (positives: same label in column c; HAPPIER's
+  ``with_binary_asi``, reported on DyML); computed only when asked for (``metrics=[..., "ASI@"]``);
 - ``AP#v``: AP of shared level v alone (items sharing more than v levels removed).
 
 Reference semantics kept (SPEC.md): in the same-set protocol the relevance counts the query
@@ -38,9 +40,11 @@ from tqdm.auto import tqdm
 from hapkit.hierarchy import LabelError, as_label_tensor, check_tree, relevance as relevance_fn, shared_levels
 from hapkit.metrics import RankedRelevant, Workspace, rank_relevant
 
-__all__ = ["evaluate", "RetrievalResults", "extract_embeddings", "METRIC_FAMILIES", "metric_names"]
+__all__ = ["evaluate", "RetrievalResults", "extract_embeddings", "METRIC_FAMILIES", "OPTIONAL_FAMILIES", "metric_names"]
 
+# The families computed by default (metrics=None), and those computed only when named.
 METRIC_FAMILIES = ("H-AP", "ASI", "NDCG", "AP", "mAP@R", "R@k", "P@1", "AP#")
+OPTIONAL_FAMILIES = ("ASI@",)
 _TOPK_FAMILIES = frozenset({"R@k", "P@1"})
 
 # Query x gallery pairs per chunk. Working memory is about 40 bytes per pair plus ~200 per
@@ -101,6 +105,8 @@ def metric_names(num_levels: int, metrics=None, columns=None, ks: Sequence[int] 
             names.append(f"P@1@{c}")
         if "R@k" in fams:
             names += [f"R@{k}@{c}" for k in ks]
+        if "ASI@" in fams:
+            names.append(f"ASI@{c}")
     if "AP#" in fams:
         names += [f"AP#{v}" for v in range(1, num_levels + 1)]
     return names
@@ -116,13 +122,15 @@ def _resolve_metrics(metrics) -> set[str]:
     if isinstance(metrics, str):
         metrics = [metrics]
     out = set()
+    known = list(METRIC_FAMILIES + OPTIONAL_FAMILIES)
     for m in metrics:
-        fam = "AP#" if str(m).startswith("AP#") else ("R@k" if str(m).startswith("R@") else str(m))
-        if fam not in METRIC_FAMILIES:
-            raise ValueError(f"unknown metric {m!r}; choose among {list(METRIC_FAMILIES)}")
+        m = str(m)
+        fam = "AP#" if m.startswith("AP#") else "R@k" if m.startswith("R@") else "ASI@" if m.startswith("ASI@") else m
+        if fam not in known:
+            raise ValueError(f"unknown metric {m!r}; choose among {known}")
         out.add(fam)
     if not out:
-        raise ValueError(f"metrics is empty; choose among {list(METRIC_FAMILIES)} (or None for all)")
+        raise ValueError(f"metrics is empty; choose among {known} (or None for {list(METRIC_FAMILIES)})")
     return out
 
 
@@ -166,14 +174,20 @@ def _as_embeddings(x, name: str) -> torch.Tensor:
     return t
 
 
-def _counts_at_levels(q_labels: torch.Tensor, g_labels: torch.Tensor, same_set: bool) -> torch.Tensor:
-    """(Q, L) number of gallery items sharing each query's label in each column."""
+def _counts_at_levels(q_labels: torch.Tensor, g_labels: torch.Tensor, exclude: torch.Tensor | None) -> torch.Tensor:
+    """(Q, L) number of gallery items sharing each query's label in each column, the item each
+    query leaves out of its ranking (``exclude``, -1: none) not counted."""
     out = []
     for c in range(q_labels.shape[1]):
         size = int(max(q_labels[:, c].max(), g_labels[:, c].max())) + 1
         per_class = torch.bincount(g_labels[:, c], minlength=size)
-        out.append(per_class[q_labels[:, c]] - int(same_set))
-    return torch.stack(out, 1)
+        out.append(per_class[q_labels[:, c]])
+    counts = torch.stack(out, 1)
+    if exclude is not None:
+        left_out = exclude >= 0
+        shares = g_labels[exclude.clamp(min=0)] == q_labels
+        counts -= (shares & left_out[:, None]).to(counts.dtype)
+    return counts
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,8 +208,9 @@ def _exact_topk_torch(scores: torch.Tensor, k: int, exclude: torch.Tensor | None
     masked = scores
     if exclude is not None:
         masked = scores.clone()
-        masked[torch.arange(Q, device=scores.device), exclude] = -math.inf
-    k_eff = min(k, G - (exclude is not None))
+        rows = (exclude >= 0).nonzero().flatten()
+        masked[rows, exclude[rows]] = -math.inf
+    k_eff = min(k, G)  # a row's excluded item, if any, never gets a rank below
     out = torch.full((Q, k), -1, dtype=torch.int64, device=scores.device)
     if k_eff <= 0:
         return out
@@ -271,6 +286,8 @@ def _full_chunk_metrics(rr: RankedRelevant, fams, cols, ks, L, rel_kwargs) -> di
         if "R@k" in fams:
             for k, r in rr.recall_at_k(ks, min_shared).items():
                 out[f"R@{k}@{c}"] = r
+        if "ASI@" in fams:
+            out[f"ASI@{c}"] = rr.binary_asi(min_shared)
     if "AP#" in fams:
         for v in range(1, L + 1):
             out[f"AP#{v}"] = rr.ap_exclusive(v)
@@ -300,7 +317,8 @@ def _topk_chunk_metrics(neighbours, q_labels, g_labels_ext, has_pos, fams, cols,
 @dataclass
 class _Inputs:
     """The checked arguments of :func:`evaluate`: queries, gallery (the queries themselves in the
-    same-set protocol) and distractors, with their labels."""
+    same-set protocol) and distractors, with their labels, and the gallery item each query leaves
+    out of its ranking (``exclude``, -1: none; the query itself in the same-set protocol)."""
 
     queries: torch.Tensor
     query_labels: torch.Tensor
@@ -308,6 +326,7 @@ class _Inputs:
     gallery_labels: torch.Tensor
     distractors: torch.Tensor | None
     same_set: bool
+    exclude: torch.Tensor | None
 
     @property
     def num_levels(self) -> int:
@@ -319,7 +338,27 @@ class _Inputs:
         return int(self.gallery.shape[0])
 
 
-def _check_inputs(embeddings, labels, gallery_embeddings, gallery_labels, distractor_embeddings) -> _Inputs:
+def _check_gallery_exclude(gallery_exclude, num_queries: int, num_gallery: int, same_set: bool) -> torch.Tensor | None:
+    if gallery_exclude is None:
+        return torch.arange(num_queries) if same_set else None
+    if same_set:
+        raise ValueError(
+            "gallery_exclude needs a separate gallery (gallery_embeddings / gallery_labels): in the "
+            "same-set protocol each query already leaves itself out"
+        )
+    ex = torch.as_tensor(gallery_exclude)
+    if ex.dtype.is_floating_point or ex.dtype == torch.bool or ex.shape != (num_queries,):
+        raise ValueError(
+            f"gallery_exclude must be ({num_queries},) integers, one gallery index per query (-1: none), "
+            f"got {tuple(ex.shape)} {ex.dtype}"
+        )
+    ex = ex.to(torch.int64)
+    if ex.numel() and bool(((ex < -1) | (ex >= num_gallery)).any()):
+        raise ValueError(f"gallery_exclude holds indices outside [-1, {num_gallery}) (the gallery has {num_gallery} items)")
+    return ex
+
+
+def _check_inputs(embeddings, labels, gallery_embeddings, gallery_labels, distractor_embeddings, gallery_exclude=None) -> _Inputs:
     q_emb = _as_embeddings(embeddings, "embeddings")
     same_set = gallery_embeddings is None and gallery_labels is None
     # One tree check: of the labels, or of queries and gallery together (they must form one tree).
@@ -350,7 +389,8 @@ def _check_inputs(embeddings, labels, gallery_embeddings, gallery_labels, distra
             raise ValueError(f"distractor_embeddings have dimension {d_emb.shape[1]}, embeddings {q_emb.shape[1]}")
     if g_emb.shape[0] - int(same_set) + (0 if d_emb is None else d_emb.shape[0]) <= 0:
         raise ValueError("the gallery is empty: the same-set protocol needs at least two items")
-    return _Inputs(q_emb, q_lab, g_emb, g_lab, d_emb, same_set)
+    exclude = _check_gallery_exclude(gallery_exclude, q_emb.shape[0], g_emb.shape[0], same_set)
+    return _Inputs(q_emb, q_lab, g_emb, g_lab, d_emb, same_set, exclude)
 
 
 @dataclass
@@ -416,7 +456,7 @@ def _run_chunks(inputs: _Inputs, plan: _Plan, progress: bool) -> torch.Tensor:
         index = faiss.IndexFlatIP(gallery.shape[1])
         index.add(np.ascontiguousarray(gallery.float().cpu().numpy()))
     if plan.topk_only:
-        has_pos = _counts_at_levels(inputs.query_labels, inputs.gallery_labels, inputs.same_set)
+        has_pos = _counts_at_levels(inputs.query_labels, inputs.gallery_labels, inputs.exclude)
         g_lab_ext = torch.cat([inputs.gallery_labels, torch.full((G - n_main, L), -1, dtype=torch.int64)])
 
     # Filled in place: small per-chunk tensors kept alive between the large temporary ones would
@@ -428,7 +468,7 @@ def _run_chunks(inputs: _Inputs, plan: _Plan, progress: bool) -> torch.Tensor:
         stop = min(start + plan.chunk_size, Q)
         q = inputs.queries[start:stop].to(dev, dtype)
         q_lab = inputs.query_labels[start:stop]
-        exclude = torch.arange(start, stop, device=dev) if inputs.same_set else None
+        exclude = None if inputs.exclude is None else inputs.exclude[start:stop].to(dev)
         if plan.topk_only:
             if plan.use_faiss:
                 nb = _topk_faiss(_faiss(), index, q, gallery, plan.k_needed, exclude)
@@ -470,6 +510,7 @@ def _results(values: torch.Tensor, inputs: _Inputs, plan: _Plan, relevance, alph
         protocol="same-set" if inputs.same_set else "query/gallery",
         num_gallery=inputs.num_gallery - int(inputs.same_set) + n_distractors,
         num_distractors=n_distractors,
+        gallery_exclude=0 if inputs.same_set or inputs.exclude is None else int((inputs.exclude >= 0).sum()),
         num_levels=inputs.num_levels,
         relevance=relevance,
         alpha=alpha,
@@ -489,6 +530,7 @@ def evaluate(
     gallery_embeddings=None,
     gallery_labels=None,
     distractor_embeddings=None,
+    gallery_exclude=None,
     metrics=None,
     columns=None,
     relevance: str = "pop",
@@ -508,8 +550,14 @@ def evaluate(
         gallery_embeddings, gallery_labels: a separate gallery (query/gallery protocol). Without
             them every item is ranked against all the others (same-set protocol).
         distractor_embeddings: (M, D) extra gallery items related to no query (V = 0).
-        metrics: subset of :data:`METRIC_FAMILIES` (``"H-AP", "ASI", "NDCG", "AP", "mAP@R", "R@k",
-            "P@1", "AP#"``); None = all.
+        gallery_exclude: (Q,) integers, a gallery index each query leaves out of its ranking (-1:
+            none), for galleries that contain the queries themselves (DyML's benchmarks: the
+            query's own copy is dropped; the reference code drops each query's first neighbour,
+            which is that copy unless an exact duplicate ties with it). The left-out item is not
+            counted anywhere for that query (relevance counts, positives). Query/gallery protocol.
+        metrics: families of :data:`METRIC_FAMILIES` (``"H-AP", "ASI", "NDCG", "AP", "mAP@R",
+            "R@k", "P@1", "AP#"``) and :data:`OPTIONAL_FAMILIES` (``"ASI@"``, binary ASI per
+            column); None = every family of :data:`METRIC_FAMILIES`.
         columns: label columns c of the binary metrics (0 = finest); None = all.
         relevance, alpha, weights: H-AP relevance (:func:`hapkit.hierarchy.relevance`), default
             ``pop`` with alpha 1 as in every official HAPPIER config; ``weights`` for ``map``.
@@ -530,7 +578,7 @@ def evaluate(
     faster: the many medium-sized operations of each chunk otherwise wait for a descheduled
     worker thread.
     """
-    inputs = _check_inputs(embeddings, labels, gallery_embeddings, gallery_labels, distractor_embeddings)
+    inputs = _check_inputs(embeddings, labels, gallery_embeddings, gallery_labels, distractor_embeddings, gallery_exclude)
     plan = _plan(inputs, metrics, columns, relevance, alpha, weights, ks, chunk_size, device, use_faiss)
     values = _run_chunks(inputs, plan, progress)
     return _results(values, inputs, plan, relevance, alpha, weights)

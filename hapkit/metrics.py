@@ -15,6 +15,7 @@ Definitions follow SPEC.md ("Metrics"), i.e. the evaluation code of HAPPIER (Ram
   H-AP = sum_k H-rank(k) / rank(k) / sum_k rel(k); it equals AP for binary relevance;
 - NDCG with gain 2**V - 1 over the whole ranking;
 - ASI (average set intersection) over the first R positions, R = number of items with V > 0;
+  binary ASI at a label column (HAPPIER's ``with_binary_asi``): the same with positives only;
 - AP#v, the "exclusive" AP of one level: positives are the items with V == v, items with V > v are
   removed from the ranking.
 
@@ -53,6 +54,7 @@ __all__ = [
     "h_average_precision",
     "ndcg",
     "asi",
+    "binary_asi",
     "ap_exclusive",
     "ranking_metrics",
     "h_rank_table",
@@ -323,6 +325,24 @@ class RankedRelevant:
         total = torch.where(inside, si.to(_F64) / n, 0.0).sum(1)
         out = total / self.count.clamp(min=1)
         return self._nan_where(out, self.count == 0)
+
+    def binary_asi(self, min_shared: int = 1) -> torch.Tensor:
+        """ASI with binary relevance (positives: v >= ``min_shared``), HAPPIER's ``with_binary_asi``.
+
+        ASI = (1/|P|) sum_{n=1..|P|} #(positives in the top n) / n. A positive at rank r <= |P| is
+        in the top n for n = r..|P|, so it adds H(|P|) - H(r - 1) (H = harmonic numbers) and no
+        position loop is needed.
+        """
+        npos = self.totals(min_shared)
+        width = self.shared.shape[1]
+        dev = self.shared.device
+        harmonic = torch.zeros(width + 1, dtype=_F64, device=dev)
+        harmonic[1:] = torch.arange(1, width + 1, dtype=_F64, device=dev).reciprocal_().cumsum_(0)
+        inside = self._positive(min_shared) & (self.rank <= npos[:, None])
+        below = harmonic.index_select(0, (self.rank - 1).clamp_(0, width).flatten()).view_as(self.rank_f)
+        per_item = torch.where(inside, harmonic.index_select(0, npos)[:, None] - below, 0.0)
+        out = per_item.sum(1) / npos.clamp(min=1)
+        return self._nan_where(out, npos == 0)
 
     def ap_exclusive(self, v: int) -> torch.Tensor:
         """AP#v: positives = entries with shared level v, entries sharing more removed from the ranking."""
@@ -629,6 +649,14 @@ def asi(scores, shared_levels, num_levels: int | None = None) -> torch.Tensor:
     if num_levels is not None and V.numel() and int(V.max()) > num_levels:
         raise ValueError(f"shared_levels has a value {int(V.max())} > num_levels={num_levels}")
     return rank_relevant(S, V, num_levels=num_levels).asi()
+
+
+def binary_asi(scores, positive_mask) -> torch.Tensor:
+    """ASI with binary relevance (HAPPIER's ``with_binary_asi``), (Q,) float64, NaN without positive.
+
+    ASI = (1/|P|) sum_{n=1..|P|} #(positives among the first n items) / n.
+    """
+    return _rank_binary(scores, positive_mask).binary_asi(1)
 
 
 def ap_exclusive(scores, shared_levels, v: int) -> torch.Tensor:

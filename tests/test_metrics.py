@@ -87,6 +87,16 @@ def bf_metrics(scores, V, L, rel=None, ks=(1, 2, 4), exclude=None) -> dict[str, 
     return out
 
 
+def bf_binary_asi(scores, positive, exclude=None) -> float:
+    """Binary ASI of one query from its definition: (1/|P|) sum_{n=1..|P|} #(positives in top n) / n."""
+    order = bf_ranking(list(scores), exclude)
+    pos = [bool(positive[j]) for j in order]
+    P = sum(pos)
+    if P == 0:
+        return NAN
+    return sum(sum(pos[:n]) / n for n in range(1, P + 1)) / P
+
+
 def assert_close(got: dict, want: dict, tol: float = 1e-9, context=""):
     for name, w in want.items():
         g = got[name]
@@ -315,6 +325,23 @@ def test_ndcg_asi_and_exclusive_ap_by_hand():
     # AP#1: without the V > 1 items the ranking is [1, 0]; AP#2 keeps all: 2s at ranks 2 and 4
     assert m["AP#1"] == pytest.approx(1.0)
     assert m["AP#2"] == pytest.approx((1 / 2 + 2 / 4) / 2)
+
+
+def test_binary_asi_by_hand_and_against_the_loop_reference():
+    # positives at ranks 2, 3 and 6 of 7: |P| = 3, hits in the top 1..3 = 0, 1, 2
+    scores = torch.tensor([[7.0, 6, 5, 4, 3, 2, 1]])
+    positive = torch.tensor([[0, 1, 1, 0, 0, 1, 0]], dtype=torch.bool)
+    assert M.binary_asi(scores, positive)[0].item() == pytest.approx((0 / 1 + 1 / 2 + 2 / 3) / 3)
+    assert math.isnan(M.binary_asi(scores, torch.zeros_like(positive))[0].item())
+    rng = random.Random(0)
+    for trial in range(30):
+        G = rng.randint(1, 40)
+        S = torch.tensor([[rng.choice([0.1, 0.5, 0.9]) if trial % 2 else rng.random() for _ in range(G)] for _ in range(4)])
+        P = torch.rand(4, G, generator=torch.Generator().manual_seed(trial)) < 0.3
+        got = M.binary_asi(S, P)
+        for q in range(4):
+            want = bf_binary_asi(S[q].tolist(), P[q].tolist())
+            assert (math.isnan(want) and math.isnan(got[q].item())) or got[q].item() == pytest.approx(want, abs=1e-12)
 
 
 # ----------------------------------------------------------------------------------------------
