@@ -27,8 +27,11 @@ are comparable.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -37,8 +40,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from hapkit.hierarchy import LabelError, as_label_tensor, check_tree, relevance as relevance_fn, shared_levels
-from hapkit.metrics import RankedRelevant, Workspace, rank_relevant
+from hapkit.hierarchy import LabelError, as_label_tensor, check_tree, relevance as relevance_fn
+from hapkit.metrics import RankedRelevant, Workspace, rank_by_labels, rank_relevant
 
 __all__ = ["evaluate", "RetrievalResults", "extract_embeddings", "METRIC_FAMILIES", "OPTIONAL_FAMILIES", "metric_names"]
 
@@ -409,6 +412,21 @@ class _Plan:
     topk_only: bool
     use_faiss: bool
     k_needed: int
+    workers: int
+
+
+@contextlib.contextmanager
+def _one_thread_per_op():
+    """torch's intra-op threads set to 1 for the duration (restored after): chunks then run side
+    by side in worker threads instead. Most operations of a chunk (sorts, scatters, compactions)
+    run on one core anyway, and independent single-threaded chunks do not stall when the machine
+    is busy, where multi-threaded operations wait for their slowest (descheduled) thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _plan(inputs: _Inputs, metrics, columns, relevance, alpha, weights, ks, chunk_size, device, use_faiss) -> _Plan:
@@ -428,8 +446,10 @@ def _plan(inputs: _Inputs, metrics, columns, relevance, alpha, weights, ks, chun
     if use_faiss is None:
         use_faiss = faiss is not None and dev.type == "cpu"
     G = inputs.num_gallery + (0 if inputs.distractors is None else inputs.distractors.shape[0])
+    # faiss parallelises its searches itself; other CPU work runs chunks side by side
+    workers = 1 if dev.type != "cpu" or (use_faiss and topk_only) else max(1, torch.get_num_threads())
     if chunk_size is None:
-        per = _CUDA_CHUNK_ELEMENTS if dev.type == "cuda" else _CPU_CHUNK_ELEMENTS
+        per = _CUDA_CHUNK_ELEMENTS if dev.type == "cuda" else _CPU_CHUNK_ELEMENTS // workers
         chunk_size = max(1, per // G)
     if int(chunk_size) < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -437,6 +457,7 @@ def _plan(inputs: _Inputs, metrics, columns, relevance, alpha, weights, ks, chun
         families=fams, columns=cols, ks=ks, names=metric_names(L, fams, cols, ks), relevance=rel_kwargs,
         device=dev, dtype=dtype, chunk_size=int(chunk_size), topk_only=topk_only,
         use_faiss=bool(use_faiss) and topk_only, k_needed=max(ks) if "R@k" in fams else 1,
+        workers=min(workers, -(-inputs.queries.shape[0] // int(chunk_size))),
     )
 
 
@@ -449,22 +470,26 @@ def _run_chunks(inputs: _Inputs, plan: _Plan, progress: bool) -> torch.Tensor:
     n_main = inputs.num_gallery
     G = gallery.shape[0]
     Q = inputs.queries.shape[0]
-    g_lab_dev = inputs.gallery_labels.to(dev)
-    index = has_pos = g_lab_ext = None
+    # distractors (after the gallery proper) share nothing: labels -1
+    g_lab_ext = torch.cat([inputs.gallery_labels, torch.full((G - n_main, L), -1, dtype=torch.int64)])
+    g_lab_dev = g_lab_ext.to(dev)
+    index = has_pos = None
     if plan.use_faiss:
         faiss = _faiss()
         index = faiss.IndexFlatIP(gallery.shape[1])
         index.add(np.ascontiguousarray(gallery.float().cpu().numpy()))
     if plan.topk_only:
         has_pos = _counts_at_levels(inputs.query_labels, inputs.gallery_labels, inputs.exclude)
-        g_lab_ext = torch.cat([inputs.gallery_labels, torch.full((G - n_main, L), -1, dtype=torch.int64)])
 
     # Filled in place: small per-chunk tensors kept alive between the large temporary ones would
     # fragment the CPU heap and make the memory footprint grow chunk after chunk.
     values = torch.full((len(plan.names), Q), float("nan"), dtype=torch.float64)
-    workspace = Workspace()
-    starts = range(0, Q, plan.chunk_size)
-    for start in tqdm(starts, desc="evaluate", unit="chunk", disable=not progress, leave=False):
+    local = threading.local()  # one Workspace per thread
+
+    def run_chunk(start: int) -> None:
+        if not hasattr(local, "workspace"):
+            local.workspace = Workspace()
+        workspace = local.workspace
         stop = min(start + plan.chunk_size, Q)
         q = inputs.queries[start:stop].to(dev, dtype)
         q_lab = inputs.query_labels[start:stop]
@@ -478,15 +503,26 @@ def _run_chunks(inputs: _Inputs, plan: _Plan, progress: bool) -> torch.Tensor:
                                       plan.ks, L)
         else:
             scores = torch.mm(q, gallery.T, out=workspace.get("scores", (stop - start, G), dtype, dev))
-            V = shared_levels(q_lab.to(dev), g_lab_dev)
-            if G > n_main:
-                V = torch.cat([V, V.new_zeros(V.shape[0], G - n_main)], 1)
-            rr = rank_relevant(scores, V, exclude=exclude, num_levels=L, check=False, workspace=workspace)
-            del scores, V
+            rr = rank_by_labels(scores, q_lab.to(dev), g_lab_dev, exclude=exclude, workspace=workspace)
+            del scores
             out = _full_chunk_metrics(rr, plan.families, plan.columns, plan.ks, L, plan.relevance)
         for i, name in enumerate(plan.names):
             values[i, start:stop] = out[name].cpu()
-        del out
+
+    starts = range(0, Q, plan.chunk_size)
+    bar = tqdm(total=len(starts), desc="evaluate", unit="chunk", disable=not progress, leave=False)
+    try:
+        if plan.workers == 1:
+            for start in starts:
+                run_chunk(start)
+                bar.update()
+        else:
+            with _one_thread_per_op(), ThreadPoolExecutor(plan.workers) as pool:
+                for done in as_completed([pool.submit(run_chunk, start) for start in starts]):
+                    done.result()
+                    bar.update()
+    finally:
+        bar.close()
     return values
 
 

@@ -47,6 +47,7 @@ __all__ = [
     "RankedRelevant",
     "Workspace",
     "rank_relevant",
+    "rank_by_labels",
     "average_precision",
     "map_at_r",
     "recall_at_k",
@@ -409,103 +410,158 @@ def _row_score_order(flat: torch.Tensor, values: torch.Tensor, G: int) -> torch.
 # Scores turned into bins per block of at most this many elements (bounded float scratch).
 _BIN_BLOCK_ELEMENTS = 2**22
 
-# Bins per gallery item. More bins leave fewer irrelevant items sharing a bin with a relevant one
-# (those are sorted) at the price of longer histograms.
+# Bins per gallery item of the histogram path. More bins leave fewer irrelevant items sharing a
+# bin with a relevant one (those are sorted) at the price of longer histograms.
 _BINS_PER_ITEM = 2
 
+# The radix path's 16-bit sort keys: scores take the keys -32767..32766 (ascending key =
+# decreasing score), the item a query leaves out takes 32767, after everything.
+_RADIX_TOP_KEY = 32766.0
+_RADIX_SPAN = 65533.0
+_RADIX_LEFT_OUT = 32767
+# Items sharing a radix bin with a relevant item are compared one neighbour at a time; past this
+# many (heavy ties, or one score far from the others) the histogram path takes over.
+_RADIX_MAX_RUN = 48
 
-def rank_relevant(
-    scores,
-    shared,
-    exclude=None,
-    num_levels: int | None = None,
-    check: bool = True,
-    workspace: Workspace | None = None,
-) -> RankedRelevant:
-    """Exact ranks of the relevant items (``shared > 0``) in each query's full ranking.
 
-    Args:
-        scores: (Q, G) similarities, higher first; ties go to the lower gallery index.
-        shared: (Q, G) integer shared levels v (or a boolean positive mask); items with v = 0 are
-            not relevant but still take part in the ranking.
-        exclude: optional (Q,) gallery index to drop from each query's ranking (-1: none), e.g. the
-            query itself in the same-set protocol.
-        num_levels: largest shared level (default: the largest present).
-        check: validate the inputs (finite scores, shared >= 0); callers that already did skip it.
-        workspace: a :class:`Workspace` to reuse scratch memory over repeated calls.
+def _check_exclude(exclude, Q: int, G: int, device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(rows, items) of the queries that leave one gallery item out, or (None, None)."""
+    if exclude is None:
+        return None, None
+    ex = torch.as_tensor(exclude, device=device).to(torch.int64).flatten()
+    if ex.numel() != Q or bool(((ex < -1) | (ex >= G)).any()):
+        raise ValueError(f"exclude must hold one gallery index (or -1) per query, in [-1, {G})")
+    rows = (ex >= 0).nonzero().flatten()
+    if rows.numel() == 0:
+        return None, None
+    return rows, ex.index_select(0, rows)
 
-    No gallery is sorted. The scores of each query are bucketed into 2G uniform bins (a monotone
-    map); a histogram and its cumulative sum give each relevant item the number of items in higher
-    bins, which all score higher. Only the relevant items and the items sharing a bin with one of
-    them are sorted (by query, then score): that settles the order inside each bin exactly and
-    lists each query's relevant items in ranking order. Memory is O(Q * G).
-    """
-    S = _as_scores(scores, check=check)
-    lv = _as_shared(shared, S, "shared") if check else shared
+
+def _uniform_bins(S: torch.Tensor, rows_x, ex, ws, fill):
+    """``fill(block, shifted, scale)`` for blocks of rows: ``shifted`` = scores minus the row's
+    lowest, the left-out item set to 0 so that it does not stretch the range, and ``scale`` the
+    factor that maps the row's range onto the bins. Rounding is monotone at every step
+    (subtract, multiply, truncate), so a higher bin always means a strictly higher score and
+    equal scores share a bin: nothing more is needed for exactness."""
     Q, G = S.shape
-    dev = S.device
-    i64 = torch.int64
-    ws = workspace
-    relevant = _scratch(ws, "relevant", (Q, G), torch.bool, dev)
-    if lv.dtype == torch.bool:
-        relevant.copy_(lv)
-    else:
-        torch.gt(lv, 0, out=relevant)
-    gsize = torch.full((Q,), G, dtype=i64, device=dev)
-    rows_x = ex = None
-    if exclude is not None:
-        ex = torch.as_tensor(exclude, device=dev).to(i64).flatten()
-        if ex.numel() != Q or bool(((ex < -1) | (ex >= G)).any()):
-            raise ValueError(f"exclude must hold one gallery index (or -1) per query, in [-1, {G})")
-        rows_x = (ex >= 0).nonzero().flatten()
-        ex = ex[rows_x]
-        if rows_x.numel() == 0:
-            rows_x = ex = None
-        else:
-            relevant.view(-1).index_fill_(0, rows_x * G + ex, False)
-            gsize[rows_x] -= 1
-    if num_levels is None:
-        num_levels = int(lv.max()) if (lv.numel() and lv.dtype != torch.bool) else 1
-    num_levels = max(int(num_levels), 1)
-
-    # Flat (row-major) indices of the relevant items: each query's items by increasing index.
-    flat_r = relevant.view(-1).nonzero().squeeze(1)
-    rr = flat_r // G
-    count = torch.bincount(rr, minlength=Q) if rr.numel() else torch.zeros(Q, dtype=i64, device=dev)
-    width = int(count.max()) if Q else 0
-    out_shared = torch.zeros(Q, width, dtype=i64, device=dev)
-    rank = (gsize + 1)[:, None].expand(Q, width).clone()
-    item = torch.full((Q, width), -1, dtype=i64, device=dev)
-    if rr.numel() == 0:
-        return RankedRelevant(out_shared, rank, item, count, gsize, num_levels)
-
-    # Uniform bins over each query's score range. The excluded item (often the query itself, far
-    # above the rest) is left out of the range: it is put at the bottom, where it is counted out
-    # again below. Rounding is monotone at every step (subtract, multiply, truncate), so a higher
-    # bin always means a strictly higher score and equal scores share a bin: nothing more is
-    # needed for exactness.
-    B = max(_BINS_PER_ITEM * G, 16)
-    at_x = None if rows_x is None else rows_x * G + ex
     lo = S.amin(1, keepdim=True)
-    # Flat bin keys (query * B + bin), in 32 bits when they fit: half the memory traffic.
-    kdt = torch.int32 if Q * B < 2**31 else i64
-    keys = _scratch(ws, "keys", (Q, G), kdt, dev)
     step = max(1, _BIN_BLOCK_ELEMENTS // max(G, 1))  # rows per block: bounded float scratch
     for a in range(0, Q, step):
         b = min(a + step, Q)
         for dtype in (S.dtype, torch.float64):
-            shifted = _scratch(ws, "shifted", (b - a, G), dtype, dev)
+            shifted = _scratch(ws, "shifted", (b - a, G), dtype, S.device)
             torch.sub(S[a:b].to(dtype), lo[a:b].to(dtype), out=shifted)
-            if at_x is not None:
+            if rows_x is not None:
                 inside = (rows_x >= a) & (rows_x < b)
                 shifted.view(-1).index_fill_(0, (rows_x[inside] - a) * G + ex[inside], 0.0)
             span = shifted.amax(1, keepdim=True)
             if bool(torch.isfinite(span).all()):
                 break  # else the range overflows (scores near the float32 limit): redo in float64
+        fill(slice(a, b), shifted, span)
+
+
+def _radix_entries(S, relevant, rows_x, ex, ws):
+    """Relevant items of each query with their exact ranks, by a radix sort of 16-bit bins (CPU).
+
+    Every row is sorted by a 16-bit key, a uniform bin of its score (numpy's stable radix
+    argsort, linear in G). An item's position p in that order counts every item of a higher bin
+    plus the items of its own bin with a lower index; the items of its own bin, its neighbours
+    in the order, are then compared with it one distance at a time to settle the bin exactly.
+
+    Returns ``(flat, rank, position)`` of the relevant items (flat = row * G + gallery index,
+    position = place in the row's ranking of relevant items), or None when a bin holds too many
+    items to settle this way.
+    """
+    import numpy as np
+
+    Q, G = S.shape
+    keys = _scratch(ws, "radix_keys", (Q, G), torch.int16, S.device)
+
+    def fill(rows, shifted, span):
+        scale = (_RADIX_SPAN * (1 - 2**-20)) / span  # slightly under: rounding stays inside
+        scale = torch.where(torch.isfinite(scale) & (scale > 0), scale, torch.zeros_like(scale))
+        keys[rows].copy_(shifted.mul_(scale.neg_()).add_(_RADIX_TOP_KEY))  # truncation: monotone
+
+    _uniform_bins(S, rows_x, ex, ws, fill)
+    if rows_x is not None:
+        keys.view(-1).index_fill_(0, rows_x * G + ex, _RADIX_LEFT_OUT)
+    order = torch.from_numpy(np.argsort(keys.numpy(), axis=1, kind="stable"))
+    # The keys in sorted order, each row between two guards that match no score's key, so that
+    # walking along a bin stops at the end of the row.
+    padded = torch.full((1 + Q * (G + 1),), _RADIX_LEFT_OUT, dtype=torch.int16)
+    padded[1:].view(Q, G + 1)[:, :G] = keys.gather(1, order)
+    ranked_relevant = _scratch(ws, "ranked_relevant", (Q, G), torch.bool, S.device)
+    torch.gather(relevant, 1, order, out=ranked_relevant)
+    order, ranked_relevant = order.view(-1), ranked_relevant.view(-1)
+    at = ranked_relevant.nonzero().squeeze(1)  # row * G + position in the row's order
+    row = at // G
+    base = row * G
+    p = at - base
+    at_padded = at + row + 1
+    key = padded.index_select(0, at_padded)
+    flat = order.index_select(0, at).add_(base)
+    flat_scores = S.reshape(-1)
+    n = at.numel()
+    before = torch.zeros(n, dtype=torch.int64)  # items of the same bin ahead in the order
+    beats = torch.zeros(n, dtype=torch.int64)  # items of the same bin that rank before
+    move = torch.zeros(n, dtype=torch.int64)  # change of place among the relevant items
+    for side in (-1, 1):
+        # the entries whose bin continues at distance d on this side (most items are alone)
+        active = (padded.index_select(0, at_padded + side) == key).nonzero().squeeze(1)
+        for d in range(1, _RADIX_MAX_RUN + 2):
+            if d > 1:
+                same = padded.index_select(0, at_padded.index_select(0, active).add_(side * d)) == key.index_select(0, active)
+                active = active.index_select(0, same.nonzero().squeeze(1))
+            if active.numel() == 0:
+                break
+            if d > _RADIX_MAX_RUN:
+                return None
+            where = at.index_select(0, active).add_(side * d)
+            other = order.index_select(0, where).add_(base.index_select(0, active))
+            mine = flat_scores.index_select(0, flat.index_select(0, active))
+            theirs = flat_scores.index_select(0, other)
+            # the stable order keeps a bin's items by increasing index: ties go to the left one
+            wins = theirs >= mine if side < 0 else theirs > mine
+            both = ranked_relevant.index_select(0, where)
+            if side < 0:
+                before.index_add_(0, active, torch.ones_like(active))
+                move.index_add_(0, active, -(both & ~wins).to(torch.int64))
+            else:
+                move.index_add_(0, active, (both & wins).to(torch.int64))
+            beats.index_add_(0, active, wins.to(torch.int64))
+    count = torch.bincount(row, minlength=Q)
+    first = torch.cumsum(count, 0) - count
+    position = torch.arange(n).sub_(first.index_select(0, row)).add_(move)
+    return flat, p.sub_(before).add_(beats).add_(1), position
+
+
+def _bin_entries(S, relevant, flat_r, gsize, rows_x, ex, ws):
+    """Relevant items of each query with their exact ranks, by a histogram of uniform bins.
+
+    The scores of each query are bucketed into 2G uniform bins; a histogram and its cumulative
+    sum give each relevant item the number of items in higher bins, which all score higher. Only
+    the relevant items and the items sharing a bin with one of them are sorted (by query, then
+    score): that settles the order inside each bin exactly and lists each query's relevant items
+    in ranking order. Returns ``(flat, rank)`` sorted by (row, rank).
+    """
+    Q, G = S.shape
+    dev = S.device
+    i64 = torch.int64
+    B = max(_BINS_PER_ITEM * G, 16)
+    at_x = None if rows_x is None else rows_x * G + ex
+    # Flat bin keys (query * B + bin), in 32 bits when they fit: half the memory traffic.
+    kdt = torch.int32 if Q * B < 2**31 else i64
+    keys = _scratch(ws, "keys", (Q, G), kdt, dev)
+
+    def fill(rows, shifted, span):
         # Slightly under (B - 1) / range so that rounding cannot push the maximum past bin B - 1.
         scale = ((B - 1) * (1 - 2**-20)) / span
         scale = torch.where(torch.isfinite(scale) & (scale > 0), scale, torch.zeros_like(scale))  # one bin
-        keys[a:b].copy_(shifted.mul_(scale))  # truncation of values >= 0
+        keys[rows].copy_(shifted.mul_(scale))  # truncation of values >= 0
+
+    # The left-out item (often the query itself, far above the rest) is put at the bottom, where
+    # it is counted out again below.
+    _uniform_bins(S, rows_x, ex, ws, fill)
     keys.add_(torch.arange(0, Q * B, B, dtype=kdt, device=dev)[:, None])
     flat_keys = keys.view(-1)
 
@@ -542,17 +598,122 @@ def rank_relevant(
     row_k = flat_k // G
     rank_k = at_or_below.view(-1).index_select(0, group.index_select(0, keep)).to(i64)
     rank_k = (gsize.index_select(0, row_k) + 1).sub_(rank_k).add_(ahead.index_select(0, keep))
-    # Relevant entries are grouped by query, in ranking order: position = entry - query's first.
-    first = torch.cumsum(count, 0) - count
-    dst = torch.arange(flat_k.numel(), device=dev).sub_(first.index_select(0, row_k)).add_(row_k * width)
+    return flat_k, rank_k
 
-    if lv.dtype == torch.bool:
-        out_shared.view(-1).index_fill_(0, dst, 1)
+
+def _ranked(S, relevant, shared_at, rows_x, ex, num_levels: int, ws) -> RankedRelevant:
+    """The :class:`RankedRelevant` of ``relevant`` items (a (Q, G) boolean scratch mask, the left-out
+    items already cleared); ``shared_at(flat)`` gives the shared levels of flat indices."""
+    Q, G = S.shape
+    dev = S.device
+    i64 = torch.int64
+    gsize = torch.full((Q,), G, dtype=i64, device=dev)
+    if rows_x is not None:
+        gsize[rows_x] -= 1
+    flat_r = relevant.view(-1).nonzero().squeeze(1)  # row-major: each query's items by index
+    rows = flat_r // G
+    count = torch.bincount(rows, minlength=Q) if rows.numel() else torch.zeros(Q, dtype=i64, device=dev)
+    width = int(count.max()) if Q else 0
+    out_shared = torch.zeros(Q, width, dtype=i64, device=dev)
+    rank = (gsize + 1)[:, None].expand(Q, width).clone()
+    item = torch.full((Q, width), -1, dtype=i64, device=dev)
+    if rows.numel() == 0:
+        return RankedRelevant(out_shared, rank, item, count, gsize, num_levels)
+    found = _radix_entries(S, relevant, rows_x, ex, ws) if dev.type == "cpu" else None
+    if found is None:
+        flat_k, rank_k = _bin_entries(S, relevant, flat_r, gsize, rows_x, ex, ws)
+        row_k = flat_k // G
+        # Relevant entries are grouped by query, in ranking order: position = entry - query's first.
+        first = torch.cumsum(count, 0) - count
+        position = torch.arange(flat_k.numel(), device=dev).sub_(first.index_select(0, row_k))
     else:
-        out_shared.view(-1).index_copy_(0, dst, lv.reshape(-1).index_select(0, flat_k).to(i64))
+        flat_k, rank_k, position = found
+        row_k = flat_k // G
+    dst = position.add_(row_k * width)
+    out_shared.view(-1).index_copy_(0, dst, shared_at(flat_k))
     rank.view(-1).index_copy_(0, dst, rank_k)
     item.view(-1).index_copy_(0, dst, flat_k - row_k * G)
     return RankedRelevant(out_shared, rank, item, count, gsize, num_levels)
+
+
+def rank_relevant(
+    scores,
+    shared,
+    exclude=None,
+    num_levels: int | None = None,
+    check: bool = True,
+    workspace: Workspace | None = None,
+) -> RankedRelevant:
+    """Exact ranks of the relevant items (``shared > 0``) in each query's full ranking.
+
+    Args:
+        scores: (Q, G) similarities, higher first; ties go to the lower gallery index.
+        shared: (Q, G) integer shared levels v (or a boolean positive mask); items with v = 0 are
+            not relevant but still take part in the ranking.
+        exclude: optional (Q,) gallery index to drop from each query's ranking (-1: none), e.g. the
+            query itself in the same-set protocol.
+        num_levels: largest shared level (default: the largest present).
+        check: validate the inputs (finite scores, shared >= 0); callers that already did skip it.
+        workspace: a :class:`Workspace` to reuse scratch memory over repeated calls.
+
+    No gallery is fully sorted by score. On a CPU, each row is sorted by a 16-bit uniform bin of
+    its scores with a linear-time radix sort, and only the items sharing a bin with a relevant
+    item are compared by score. Elsewhere (GPU), a histogram of 2G uniform bins counts the items
+    ahead of each relevant item and only the relevant items and their bin neighbours are sorted.
+    Both give the same exact ranks. Memory is O(Q * G).
+    """
+    S = _as_scores(scores, check=check)
+    lv = _as_shared(shared, S, "shared") if check else shared
+    Q, G = S.shape
+    ws = workspace
+    relevant = _scratch(ws, "relevant", (Q, G), torch.bool, S.device)
+    if lv.dtype == torch.bool:
+        relevant.copy_(lv)
+    else:
+        torch.gt(lv, 0, out=relevant)
+    rows_x, ex = _check_exclude(exclude, Q, G, S.device)
+    if rows_x is not None:
+        relevant.view(-1).index_fill_(0, rows_x * G + ex, False)
+    if num_levels is None:
+        num_levels = int(lv.max()) if (lv.numel() and lv.dtype != torch.bool) else 1
+    if lv.dtype == torch.bool:
+        shared_at = lambda flat: torch.ones(flat.numel(), dtype=torch.int64, device=S.device)  # noqa: E731
+    else:
+        shared_at = lambda flat: lv.reshape(-1).index_select(0, flat).to(torch.int64)  # noqa: E731
+    return _ranked(S, relevant, shared_at, rows_x, ex, max(int(num_levels), 1), ws)
+
+
+def rank_by_labels(
+    scores,
+    query_labels: torch.Tensor,
+    gallery_labels: torch.Tensor,
+    exclude=None,
+    workspace: Workspace | None = None,
+) -> RankedRelevant:
+    """:func:`rank_relevant` with the shared levels of (Q, L) and (G, L) tree labels, finest first.
+
+    For tree labels an item is relevant (V > 0) exactly when it shares the query's coarsest label,
+    so the (Q, G) matrix V is never built: one comparison finds the relevant items and V is
+    counted for them alone. Gallery rows of -1 (distractors) share nothing. ``scores`` must be
+    finite (not checked).
+    """
+    S = _as_scores(scores, check=False)
+    Q, G = S.shape
+    dev = S.device
+    q = torch.as_tensor(query_labels).to(dev)
+    g = torch.as_tensor(gallery_labels).to(dev)
+    L = int(q.shape[1])
+    relevant = _scratch(workspace, "relevant", (Q, G), torch.bool, dev)
+    torch.eq(q[:, L - 1, None], g[None, :, L - 1], out=relevant)
+    rows_x, ex = _check_exclude(exclude, Q, G, dev)
+    if rows_x is not None:
+        relevant.view(-1).index_fill_(0, rows_x * G + ex, False)
+
+    def shared_at(flat):
+        row, col = flat // G, flat % G
+        return (q.index_select(0, row) == g.index_select(0, col)).sum(1)
+
+    return _ranked(S, relevant, shared_at, rows_x, ex, L, workspace)
 
 
 # ----------------------------------------------------------------------------------------------
