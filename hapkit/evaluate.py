@@ -40,7 +40,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from hapkit.hierarchy import LabelError, as_label_tensor, check_tree, relevance as relevance_fn
+from hapkit.hierarchy import LabelError, as_label_tensor, check_tree, level_relevance, relevance as relevance_fn
 from hapkit.metrics import RankedRelevant, Workspace, rank_by_labels, rank_relevant
 
 __all__ = ["evaluate", "RetrievalResults", "extract_embeddings", "METRIC_FAMILIES", "OPTIONAL_FAMILIES", "metric_names"]
@@ -269,11 +269,13 @@ def _topk_faiss(faiss, index, queries: torch.Tensor, gallery: torch.Tensor, k: i
 def _full_chunk_metrics(rr: RankedRelevant, fams, cols, ks, L, rel_kwargs) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     if "H-AP" in fams:
-        # Relevance only depends on each query's counts per shared level, so the (Q, R) shared
-        # levels of the relevant items suffice (their padding is v = 0, whose count no relevance
-        # kind uses).
-        rel = relevance_fn(rr.shared, L, dtype=torch.float64, **rel_kwargs)
-        out["H-AP"] = rr.h_average_precision(rel, check=False)
+        # Relevance only depends on each query's counts per shared level (the query itself counted
+        # at level L in the same-set protocol, as the reference evaluation does).
+        kw = dict(rel_kwargs)
+        counts = rr.shared_counts()
+        if kw.pop("count_query"):
+            counts[:, L] += 1
+        out["H-AP"] = rr.h_average_precision_of_levels(level_relevance(counts, L, **kw))
     if "ASI" in fams:
         out["ASI"] = rr.asi()
     if "NDCG" in fams:
