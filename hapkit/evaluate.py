@@ -463,8 +463,13 @@ def _plan(inputs: _Inputs, metrics, columns, relevance, alpha, weights, ks, chun
     )
 
 
-def _run_chunks(inputs: _Inputs, plan: _Plan, progress: bool) -> torch.Tensor:
-    """(len(plan.names), Q) float64 per-query values, NaN where a query has no positive."""
+def _chunk_starts(inputs: _Inputs, plan: _Plan) -> range:
+    return range(0, inputs.queries.shape[0], plan.chunk_size)
+
+
+def _run_chunks(inputs: _Inputs, plan: _Plan, progress: bool, starts=None) -> torch.Tensor:
+    """(len(plan.names), Q) float64 per-query values, NaN where a query has no positive, for the
+    chunks that begin at ``starts`` (default: every chunk; the other rows stay NaN)."""
     dev, dtype, L = plan.device, plan.dtype, inputs.num_levels
     gallery = inputs.gallery.to(dev, dtype)
     if inputs.distractors is not None:
@@ -511,7 +516,7 @@ def _run_chunks(inputs: _Inputs, plan: _Plan, progress: bool) -> torch.Tensor:
         for i, name in enumerate(plan.names):
             values[i, start:stop] = out[name].cpu()
 
-    starts = range(0, Q, plan.chunk_size)
+    starts = _chunk_starts(inputs, plan) if starts is None else starts
     bar = tqdm(total=len(starts), desc="evaluate", unit="chunk", disable=not progress, leave=False)
     try:
         if plan.workers == 1:
@@ -579,6 +584,9 @@ def evaluate(
     device=None,
     progress: bool = True,
     use_faiss: bool | None = None,
+    distributed: bool = False,
+    indices=None,
+    gallery_indices=None,
 ) -> RetrievalResults:
     """Exact retrieval metrics of embeddings, streamed over chunks of queries.
 
@@ -606,6 +614,21 @@ def evaluate(
         use_faiss: nearest neighbours by faiss (inner product) when only top-k metrics (R@k, P@1)
             are asked; None = when faiss is installed and the computation runs on CPU. Other
             metrics need the full ranking and always use the exact torch path.
+        distributed: every process of the initialised ``torch.distributed`` group calls
+            ``evaluate`` with its own shard of the queries (and of the gallery and distractors;
+            shards may differ in size, even be empty) and gets the full, identical results: the
+            shards are gathered once, each process ranks every ``world_size``-th chunk of queries
+            with the single-process code, and the per-query values are summed over processes.
+            Rows come in the order of the concatenated shards (process 0's first), or in the
+            order of ``indices``. Bit for bit the single-process result with the same
+            ``chunk_size``. Off by default: a process that evaluates alone must not wait for the
+            others. (The other arguments must be the same on every process.)
+        indices, gallery_indices: with ``distributed``, the position of each row of this
+            process's query (gallery) shard in the whole set, e.g. the indices a
+            ``DistributedSampler(shuffle=False, drop_last=False)`` gave it: rows are put back in
+            that order and the copies the sampler repeats to even out the shards are dropped.
+            ``indices`` also orders the gallery of the same-set protocol. Together they must cover
+            0..N-1.
 
     Returns:
         :class:`RetrievalResults`. Ties in scores are broken by gallery index (the lower first).
@@ -616,10 +639,154 @@ def evaluate(
     faster: the many medium-sized operations of each chunk otherwise wait for a descheduled
     worker thread.
     """
+    rank, world = _world() if distributed else (0, 1)
+    if distributed:
+        embeddings, labels, gallery_embeddings, gallery_labels, distractor_embeddings, gallery_exclude = _gathered(
+            embeddings, labels, gallery_embeddings, gallery_labels, distractor_embeddings, gallery_exclude,
+            indices, gallery_indices,
+        )
+    elif indices is not None or gallery_indices is not None:
+        raise ValueError("indices / gallery_indices order the shards of distributed=True; without it, pass the rows in order")
     inputs = _check_inputs(embeddings, labels, gallery_embeddings, gallery_labels, distractor_embeddings, gallery_exclude)
     plan = _plan(inputs, metrics, columns, relevance, alpha, weights, ks, chunk_size, device, use_faiss)
-    values = _run_chunks(inputs, plan, progress)
-    return _results(values, inputs, plan, relevance, alpha, weights)
+    if world == 1:
+        values = _run_chunks(inputs, plan, progress)
+    else:
+        mine = list(_chunk_starts(inputs, plan))[rank::world]
+        values = _sum_over_processes(_run_chunks(inputs, plan, progress and rank == 0, starts=mine), mine, plan.chunk_size)
+    results = _results(values, inputs, plan, relevance, alpha, weights)
+    results.settings["processes"] = world
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# Several processes (distributed=True)
+
+
+def _world() -> tuple[int, int]:
+    """(rank, world size) of the initialised default process group."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            "evaluate(distributed=True) needs an initialised torch.distributed process group: start "
+            "the processes with torchrun and call torch.distributed.init_process_group (or "
+            "hapkit.training.distributed.init_distributed) first"
+        )
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _comm_device() -> torch.device:
+    import torch.distributed as dist
+
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _gather_rows(x: torch.Tensor | None) -> torch.Tensor | None:
+    """Every process's (n_r, ...) rows concatenated in process order, on the CPU (n_r may differ)."""
+    import torch.distributed as dist
+
+    if x is None:
+        return None
+    world = dist.get_world_size()
+    if world == 1:
+        return x.cpu()
+    device = _comm_device()
+    n = torch.tensor([x.shape[0]], device=device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    sizes = [int(size) for size in sizes]
+    padded = torch.zeros((max(sizes), *x.shape[1:]), dtype=x.dtype, device=device)
+    padded[: x.shape[0]] = x.to(device)
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:size] for part, size in zip(parts, sizes)]).cpu()
+
+
+def _shard_description(embeddings, labels, gallery_embeddings, gallery_labels, distractor_embeddings,
+                       gallery_exclude, indices, gallery_indices) -> dict:
+    """What every process's shard must agree on, and this shard's error (None if it is fine)."""
+    try:
+        q = _as_embeddings(embeddings, "embeddings")
+        lab = as_label_tensor(labels, "labels", check=False)
+        if lab.shape[0] != q.shape[0]:
+            raise ValueError(f"embeddings has {q.shape[0]} rows but labels has {lab.shape[0]}")
+        described = {"dim": q.shape[1], "dtype": str(q.dtype), "levels": lab.shape[1]}
+        for name, x, rows in (("gallery_embeddings", gallery_embeddings, None), ("gallery_labels", gallery_labels, None),
+                              ("distractor_embeddings", distractor_embeddings, None),
+                              ("gallery_exclude", gallery_exclude, q.shape[0]), ("indices", indices, q.shape[0]),
+                              ("gallery_indices", gallery_indices, None)):
+            described[name] = x is not None
+            if x is not None and rows is not None and len(x) != rows:
+                raise ValueError(f"{name} has {len(x)} entries for this process's {rows} queries")
+        if gallery_indices is not None and gallery_embeddings is not None and len(gallery_indices) != len(gallery_embeddings):
+            raise ValueError(f"gallery_indices has {len(gallery_indices)} entries for {len(gallery_embeddings)} gallery rows")
+        return {**described, "error": None}
+    except (ValueError, LabelError) as err:
+        return {"error": str(err)}
+
+
+def _in_order(indices: torch.Tensor, *rows):
+    """``rows`` sorted by ``indices``, each index once (the first copy): the sampler's order."""
+    idx = torch.as_tensor(indices).to(torch.int64).flatten()
+    order = torch.argsort(idx, stable=True)
+    idx = idx[order]
+    first = torch.ones_like(idx, dtype=torch.bool)
+    first[1:] = idx[1:] != idx[:-1]
+    keep = order[first]
+    if not torch.equal(idx[first], torch.arange(int(first.sum()))):
+        raise ValueError(
+            "indices (gallery_indices) of all processes together must cover 0..N-1, each index at "
+            "least once (the indices of a DistributedSampler over the whole set)"
+        )
+    return [None if x is None else x[keep] for x in rows]
+
+
+def _gathered(embeddings, labels, gallery_embeddings, gallery_labels, distractor_embeddings, gallery_exclude,
+              indices, gallery_indices):
+    """The whole inputs of :func:`evaluate` from every process's shard, the same on every process."""
+    import torch.distributed as dist
+
+    mine = _shard_description(embeddings, labels, gallery_embeddings, gallery_labels, distractor_embeddings,
+                              gallery_exclude, indices, gallery_indices)
+    every = [None] * dist.get_world_size()
+    if len(every) == 1:
+        every = [mine]
+    else:
+        dist.all_gather_object(every, mine)
+    errors = [f"process {r}: {d['error']}" for r, d in enumerate(every) if d["error"]]
+    if errors:  # raised by every process alike: none is left waiting for the others
+        raise ValueError("evaluate(distributed=True): " + "; ".join(errors))
+    if any({k: v for k, v in d.items() if k != "error"} != {k: v for k, v in every[0].items() if k != "error"} for d in every):
+        raise ValueError(
+            "evaluate(distributed=True): the processes' shards disagree (embedding size, dtype, label "
+            f"levels, or which of the optional arguments are given): {every}"
+        )
+    q_emb, q_lab = _gather_rows(torch.as_tensor(embeddings)), _gather_rows(as_label_tensor(labels, "labels", check=False))
+    exclude = None if gallery_exclude is None else _gather_rows(torch.as_tensor(gallery_exclude).to(torch.int64))
+    if indices is not None:
+        q_emb, q_lab, exclude = _in_order(_gather_rows(torch.as_tensor(indices).to(torch.int64)), q_emb, q_lab, exclude)
+    g_emb = g_lab = None
+    if gallery_embeddings is not None or gallery_labels is not None:
+        g_emb = _gather_rows(torch.as_tensor(gallery_embeddings))
+        g_lab = _gather_rows(as_label_tensor(gallery_labels, "gallery_labels", check=False))
+        if gallery_indices is not None:
+            g_emb, g_lab = _in_order(_gather_rows(torch.as_tensor(gallery_indices).to(torch.int64)), g_emb, g_lab)
+    d_emb = None if distractor_embeddings is None else _gather_rows(torch.as_tensor(distractor_embeddings))
+    return q_emb, q_lab, g_emb, g_lab, d_emb, exclude
+
+
+def _sum_over_processes(values: torch.Tensor, starts, chunk_size: int) -> torch.Tensor:
+    """Every process computed the rows of its chunks: the whole table on every process."""
+    import torch.distributed as dist
+
+    mine = torch.zeros(values.shape[1], dtype=torch.bool)
+    for start in starts:
+        mine[start : start + chunk_size] = True
+    # the others' rows count 0 here: x + 0 = x exactly, and a NaN (no positive) stays NaN
+    shared = torch.where(mine, values, torch.zeros_like(values)).to(_comm_device())
+    dist.all_reduce(shared, op=dist.ReduceOp.SUM)
+    return shared.cpu()
 
 
 # ----------------------------------------------------------------------------------------------
