@@ -55,7 +55,9 @@ def _add_evaluate(sub) -> None:
         help="evaluate a trained checkpoint",
         description=(
             "Embed the eval sets of the checkpoint's dataset with its model and print every "
-            "retrieval metric (H-AP, ASI, NDCG, AP, mAP@R, R@k per level)."
+            "retrieval metric (H-AP, ASI, NDCG, AP, mAP@R, R@k per level). Under "
+            "`torchrun --nproc_per_node N -m hapkit evaluate ...` each process embeds its share "
+            "of every set on its own GPU and they rank together."
         ),
     )
     p.add_argument("--checkpoint", required=True, help="checkpoint.pt written by `hapkit train`")
@@ -184,28 +186,36 @@ def _print_metrics(metrics: dict) -> None:
 
 
 def _cmd_evaluate(args) -> int:
+    """Evaluate a checkpoint; under ``torchrun --nproc_per_node N`` every process embeds its share
+    of each eval set (on its own GPU) and they rank together; process 0 prints."""
     import dataclasses
 
     import torch
 
     from hapkit.data import build_eval_sets
-    from hapkit.training.distributed import _pick_device
+    from hapkit.training.distributed import init_distributed, shutdown_distributed
     from hapkit.training.engine import evaluate_model, resolve_amp
     from hapkit.training.runs import load_model
 
-    device = _pick_device(args.device, 0)
-    model, cfg = load_model(args.checkpoint, device)
-    if args.data_root:
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=args.data_root))
-    with torch.no_grad():
-        metrics = evaluate_model(
-            model, build_eval_sets(cfg.data), batch_size=cfg.data.eval_batch_size, num_workers=cfg.data.num_workers,
-            device=device, amp=resolve_amp(cfg.train.amp, device) is not None,
-            metrics=cfg.eval.metrics, max_items=cfg.eval.max_items, progress=not args.no_progress,
-        )
-    _print_metrics(metrics)
-    if args.json:
-        Path(args.json).write_text(json.dumps(metrics, indent=2))
+    ctx = init_distributed(args.device)
+    try:
+        model, cfg = load_model(args.checkpoint, ctx.device)
+        if args.data_root:
+            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=args.data_root))
+        with torch.no_grad():
+            metrics = evaluate_model(
+                model, build_eval_sets(cfg.data), batch_size=cfg.data.eval_batch_size,
+                num_workers=cfg.data.num_workers, device=ctx.device,
+                amp=resolve_amp(cfg.train.amp, ctx.device) is not None, metrics=cfg.eval.metrics,
+                max_items=cfg.eval.max_items, progress=not args.no_progress and ctx.is_main,
+                distributed=ctx.enabled,
+            )
+    finally:
+        shutdown_distributed()
+    if ctx.is_main:
+        _print_metrics(metrics)
+        if args.json:
+            Path(args.json).write_text(json.dumps(metrics, indent=2))
     return 0
 
 

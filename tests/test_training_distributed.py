@@ -123,3 +123,37 @@ def test_gather_is_the_identity_without_a_process_group():
 
     x = torch.randn(4, 3, requires_grad=True)
     assert gather_with_grad(x) is x and all_gather_nograd(x) is x and all_reduce_mean(x) is x
+
+
+def eval_worker(rank, world, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world),
+                      RANK=str(rank), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from hapkit.training.distributed import shutdown_distributed
+
+    try:
+        cfg = load_recipe("happier_generated", overrides=OVERRIDES)
+        trainer = Trainer(cfg, out_dir=Path(out_dir) / "run", train_set=TinySet(), eval_sets=two_eval_sets(),
+                          progress=False)
+        torch.save(trainer.evaluate(), Path(out_dir) / f"eval{rank}.pt")
+    finally:
+        shutdown_distributed()
+
+
+def two_eval_sets():
+    from hapkit.data import EvalSet
+
+    return [EvalSet("same", TinySet(seed=1, noise=0.0, per_class=5)),
+            EvalSet("qg", TinySet(seed=2, noise=0.0, per_class=3), TinySet(seed=3, noise=0.0, per_class=7))]
+
+
+@pytest.mark.slow
+def test_every_process_embeds_its_share_and_all_get_the_single_process_metrics(tmp_path):
+    mp.spawn(eval_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    got = [torch.load(tmp_path / f"eval{r}.pt", weights_only=False) for r in range(2)]
+    single = Trainer(load_recipe("happier_generated", overrides=OVERRIDES), out_dir=tmp_path / "single",
+                     train_set=TinySet(), eval_sets=two_eval_sets(), progress=False).evaluate()
+    assert got[0] == got[1]  # the same on every process
+    assert got[0].keys() == single.keys() and "overall/H-AP" in single
+    for k, v in single.items():  # shards embedded apart: the same embeddings up to float rounding
+        assert got[0][k] == pytest.approx(v, abs=1e-6), k

@@ -14,7 +14,8 @@ The loop is written for a GPU and runs the same on a CPU:
   optimisers, schedulers, gradient scaler, sampler position, random generator states;
 - several processes with ``torchrun``: DistributedDataParallel, the sampler's global batch split
   between processes and embeddings all-gathered with gradient (see :mod:`hapkit.training.distributed`),
-  so the rank losses see the global batch; evaluation and logging happen on rank 0.
+  so the rank losses see the global batch; every process embeds its share of the eval sets and
+  they rank together (``hapkit.evaluate.evaluate(distributed=True)``); logging happens on rank 0.
 
 >>> from hapkit.training.recipes import load_recipe
 >>> from hapkit.training.engine import train
@@ -209,6 +210,7 @@ def evaluate_model(
     metrics=None,
     max_items: int | None = None,
     progress: bool = True,
+    distributed: bool = False,
 ) -> dict:
     """Embed each eval set with ``model`` and evaluate it; returns flat ``{"<set>/<metric>": value}``.
 
@@ -216,16 +218,24 @@ def evaluate_model(
     ``label_column`` (None = all columns) like :class:`hapkit.data.EvalSet`. With several sets
     that share the same metrics (DyML's per-level benchmarks), an ``overall/<metric>`` mean is
     added.
+
+    ``distributed``: every process of the initialised process group calls this; each embeds its
+    contiguous share of every set and :func:`hapkit.evaluate.evaluate` ranks them together
+    (``distributed=True``), so every process returns the same metrics.
     """
     from hapkit.evaluate import evaluate, extract_embeddings
 
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+
     def embed(ds):
         ds = spread_subset(ds, max_items)
+        if world > 1:  # this process's contiguous share: the shards concatenate to the set in order
+            ds = torch.utils.data.Subset(ds, range(len(ds) * rank // world, len(ds) * (rank + 1) // world))
         loader = torch.utils.data.DataLoader(
             ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
             pin_memory=torch.device(device or "cpu").type == "cuda",
         )
-        return extract_embeddings(model, loader, device=device, amp=amp, progress=progress)
+        return extract_embeddings(model, loader, device=device, amp=amp, progress=progress and rank == 0)
 
     out: dict = {}
     per_set = []
@@ -237,7 +247,8 @@ def evaluate_model(
         column = getattr(es, "label_column", None)
         res = evaluate(
             q_emb, q_lab, gallery_embeddings=g_emb, gallery_labels=g_lab, metrics=metrics,
-            columns=None if column is None else [column], device=device, progress=progress,
+            columns=None if column is None else [column], device=device, progress=progress and rank == 0,
+            distributed=distributed,
         )
         summary = {k: float(v) for k, v in res.summary.items()}
         per_set.append(summary)
@@ -659,25 +670,25 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Evaluate the current model on the eval sets (rank 0; other ranks wait and get {})."""
-        out: dict = {}
-        if self.dist.is_main:
-            was_training = self.model.training
-            self.model.eval()
-            # evaluation must not consume the training random streams (resumed runs stay identical)
-            with torch.random.fork_rng(devices=[]):
-                out = evaluate_model(
-                    self.model,
-                    self.eval_sets,
-                    batch_size=self.cfg.data.eval_batch_size,
-                    num_workers=self.cfg.data.num_workers,
-                    device=self.device,
-                    amp=self.amp_dtype is not None,
-                    metrics=self.cfg.eval.metrics,
-                    max_items=self.cfg.eval.max_items,
-                    progress=self.progress,
-                )
-            self.model.train(was_training)
+        """Evaluate the current model on the eval sets; with several processes each embeds its
+        share of every set and they rank together (every process gets the same metrics)."""
+        was_training = self.model.training
+        self.model.eval()
+        # evaluation must not consume the training random streams (resumed runs stay identical)
+        with torch.random.fork_rng(devices=[]):
+            out = evaluate_model(
+                self.model,
+                self.eval_sets,
+                batch_size=self.cfg.data.eval_batch_size,
+                num_workers=self.cfg.data.num_workers,
+                device=self.device,
+                amp=self.amp_dtype is not None,
+                metrics=self.cfg.eval.metrics,
+                max_items=self.cfg.eval.max_items,
+                progress=self.progress and self.dist.is_main,
+                distributed=self.dist.enabled,
+            )
+        self.model.train(was_training)
         barrier(self.dist)
         return out
 
