@@ -43,7 +43,15 @@ from tqdm.auto import tqdm
 from hapkit.hierarchy import LabelError, as_label_tensor, check_tree, level_relevance, relevance as relevance_fn
 from hapkit.metrics import RankedRelevant, Workspace, rank_by_labels, rank_relevant
 
-__all__ = ["evaluate", "RetrievalResults", "extract_embeddings", "METRIC_FAMILIES", "OPTIONAL_FAMILIES", "metric_names"]
+__all__ = [
+    "evaluate",
+    "RetrievalResults",
+    "RetrievalMetrics",
+    "extract_embeddings",
+    "METRIC_FAMILIES",
+    "OPTIONAL_FAMILIES",
+    "metric_names",
+]
 
 # The families computed by default (metrics=None), and those computed only when named.
 METRIC_FAMILIES = ("H-AP", "ASI", "NDCG", "AP", "mAP@R", "R@k", "P@1", "AP#")
@@ -657,6 +665,92 @@ def evaluate(
     results = _results(values, inputs, plan, relevance, alpha, weights)
     results.settings["processes"] = world
     return results
+
+
+# ----------------------------------------------------------------------------------------------
+# The streaming form (torchmetrics)
+
+
+def _retrieval_metrics_class():
+    import torchmetrics
+    from torchmetrics.utilities import dim_zero_cat
+
+    class RetrievalMetrics(torchmetrics.Metric):
+        """The streaming form of :func:`evaluate`, a ``torchmetrics.Metric``: embeddings and labels
+        are collected batch by batch, and :meth:`compute` ranks them all exactly and returns the
+        summary of :func:`evaluate` (the same names and values); the whole
+        :class:`RetrievalResults` of the last computation is kept in :attr:`results`.
+
+        It lives here, not in :mod:`hapkit.metrics`, because it is built on :func:`evaluate`,
+        which sits above the per-query metrics. torchmetrics is imported on first use of this
+        class (it takes seconds), so ``import hapkit.evaluate`` stays quick.
+
+        >>> metric = RetrievalMetrics(metrics=["H-AP", "AP", "R@k"])          # doctest: +SKIP
+        >>> for images, labels in loader:                                     # doctest: +SKIP
+        ...     metric.update(model(images), labels)
+        >>> metric.compute()["H-AP"]                                          # doctest: +SKIP
+
+        ``update(embeddings, labels)`` adds queries that are also the gallery (same-set protocol,
+        each query ranked against all the others); ``update(embeddings, labels, gallery=True)``
+        adds items to a separate gallery (query/gallery protocol, as soon as one is added). With
+        several processes, torchmetrics gathers every process's states before :meth:`compute`, so
+        every process evaluates all of them (for test sets too large to evaluate on each process,
+        give each its shard and call ``evaluate(..., distributed=True)``).
+
+        Args: the options of :func:`evaluate` (``metrics``, ``columns``, ``relevance``, ``alpha``,
+        ``weights``, ``ks``, ``chunk_size``, ``device``, ``use_faiss``); ``progress`` is off by
+        default. Further keyword arguments go to ``torchmetrics.Metric``.
+        """
+
+        is_differentiable = False
+        higher_is_better = True
+        full_state_update = False
+
+        def __init__(self, metrics=None, columns=None, relevance: str = "pop", alpha: float = 1.0,
+                     weights: Sequence[float] | None = None, ks: Sequence[int] = (1, 4, 16),
+                     chunk_size: int | None = None, device=None, use_faiss: bool | None = None,
+                     progress: bool = False, **kwargs):
+            super().__init__(**kwargs)
+            _resolve_metrics(metrics)  # fail now on a bad option, not at the end of an epoch
+            _resolve_ks(ks)
+            self.options = dict(metrics=metrics, columns=columns, relevance=relevance, alpha=alpha,
+                                weights=weights, ks=ks, chunk_size=chunk_size, device=device,
+                                use_faiss=use_faiss, progress=progress)
+            self.results: RetrievalResults | None = None
+            for name in ("embeddings", "labels", "gallery_embeddings", "gallery_labels"):
+                self.add_state(name, default=[], dist_reduce_fx="cat")
+
+        def update(self, embeddings: torch.Tensor, labels, gallery: bool = False) -> None:
+            """Add a batch of (B, D) embeddings with their (B, L) labels (queries, or gallery items)."""
+            emb = _as_embeddings(embeddings, "embeddings").detach()
+            lab = as_label_tensor(labels, "labels", check=False).to(emb.device)
+            if lab.shape[0] != emb.shape[0]:
+                raise ValueError(f"RetrievalMetrics.update: {emb.shape[0]} embeddings but {lab.shape[0]} label rows")
+            prefix = "gallery_" if gallery else ""
+            getattr(self, prefix + "embeddings").append(emb)
+            getattr(self, prefix + "labels").append(lab)
+
+        def compute(self) -> dict[str, float]:
+            """:func:`evaluate` of everything added since the last reset: its ``summary``."""
+            if not len(self.embeddings):
+                raise ValueError("RetrievalMetrics.compute: no query was added (call update first)")
+            gallery = {}
+            if len(self.gallery_embeddings):
+                gallery = dict(gallery_embeddings=dim_zero_cat(self.gallery_embeddings),
+                               gallery_labels=dim_zero_cat(self.gallery_labels))
+            self.results = evaluate(dim_zero_cat(self.embeddings), dim_zero_cat(self.labels), **gallery, **self.options)
+            return dict(self.results.summary)
+
+    # found by pickle (and by a copy made for another process) as hapkit.evaluate.RetrievalMetrics
+    RetrievalMetrics.__module__, RetrievalMetrics.__qualname__ = __name__, "RetrievalMetrics"
+    return RetrievalMetrics
+
+
+def __getattr__(name: str):
+    if name == "RetrievalMetrics":  # built on first use: torchmetrics takes seconds to import
+        cls = globals()[name] = _retrieval_metrics_class()
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).parent))
 from test_evaluate import KS, clustered  # noqa: E402
 
-from hapkit.evaluate import evaluate  # noqa: E402
+from hapkit.evaluate import RetrievalMetrics, evaluate  # noqa: E402
 
 WORLD = 2
 CHUNK = 16  # the same chunks in one process and in two: bit-for-bit equality
@@ -54,6 +54,7 @@ def single_process_cases():
         "query/gallery": evaluate(emb[queries], labels[queries], **qg),
         "top-k": evaluate(emb, labels, metrics=["R@k", "P@1"], **quiet),
         "asi@": evaluate(emb, labels, metrics=["ASI@", "AP"], **quiet),
+        "streaming": evaluate(emb, labels, **quiet),
     }
 
 
@@ -84,6 +85,13 @@ def worker(rank, port, out_dir):
         )
         out["top-k"] = evaluate(emb[mine], labels[mine], metrics=["R@k", "P@1"], **quiet)
         out["asi@"] = evaluate(emb[mine], labels[mine], metrics=["ASI@", "AP"], **quiet)
+        # the torchmetrics form: each process adds its batches, torchmetrics gathers them
+        streaming = RetrievalMetrics(ks=KS, chunk_size=CHUNK)
+        for start in range(mine.start, mine.stop, 8):
+            stop = min(start + 8, mine.stop)
+            streaming.update(emb[start:stop], labels[start:stop])
+        streaming.compute()
+        out["streaming"] = streaming.results
         # without distributed=True a process evaluates alone: process 1 takes no part here
         if rank == 0:
             out["alone"] = evaluate(emb[:30], labels[:30], ks=KS, progress=False)
@@ -117,7 +125,7 @@ def test_two_processes_give_the_single_process_results_bit_for_bit(tmp_path):
             assert res.summary == expected.summary, case
             assert res.per_query.equals(expected.per_query), case
             assert res.skipped == expected.skipped and res.num_queries == expected.num_queries, case
-            assert res.settings["processes"] == WORLD, case
+            assert res.settings["processes"] == (1 if case == "streaming" else WORLD), case
         assert "process 1" in got["error"] and "non-finite" in got["error"]
     assert ranks[0]["alone"].per_query.equals(alone.per_query) and ranks[0]["alone"].settings["processes"] == 1
 
