@@ -343,3 +343,24 @@ def test_extract_embeddings():
     assert torch.allclose(emb2, emb, atol=1e-6) and lab2.shape == (10, 1)
     with pytest.raises(TypeError, match=r"\(images, labels\)"):
         extract_embeddings(net, [images], progress=False)
+
+
+def test_the_benchmarks_full_sort_baseline_computes_the_same_metrics():
+    """bench_evaluate.py times evaluate against a full sort of every gallery: same numbers."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import bench_evaluate
+    finally:
+        sys.path.pop(0)
+    emb, labels = bench_evaluate.clustered_embeddings(1000, dim=16)  # 100 fine classes in 80 middle ones
+    baseline = bench_evaluate.straightforward_evaluate(emb, labels, chunk_size=64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = evaluate(emb, labels, progress=False).summary
+    assert baseline.keys() <= ours.keys()
+    for name, value in baseline.items():
+        # float32 dot products computed in other blocks may round differently: a near tie may swap
+        assert ours[name] == pytest.approx(value, abs=1e-6, nan_ok=True), name
