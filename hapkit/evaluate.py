@@ -643,9 +643,11 @@ def evaluate(
         Queries without any positive for a metric are left out of its mean and counted in
         ``.skipped`` (a warning says so).
 
-    On a CPU that other busy processes share, ``torch.set_num_threads(1)`` can be several times
-    faster: the many medium-sized operations of each chunk otherwise wait for a descheduled
-    worker thread.
+    On a CPU, chunks run side by side in ``torch.get_num_threads()`` worker threads, each of
+    them with single-threaded operations: torch's thread count is set to 1 for the duration of
+    the call and restored afterwards (other threads of the program that use torch meanwhile run
+    single-threaded too). Independent chunks do not stall on a busy machine, where
+    multi-threaded operations wait for their slowest, descheduled thread.
     """
     rank, world = _world() if distributed else (0, 1)
     if distributed:
