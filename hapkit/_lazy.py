@@ -22,3 +22,16 @@ def lazy_exports(package: str, where: dict[str, str]):
         return sorted(set(vars(module)) | set(where))
 
     return __getattr__, __dir__
+
+
+def require_extra(extra: str, *modules: str, what: str) -> None:
+    """Raise an ImportError that names the pip extra to install when one of ``modules`` is
+    missing: the core install is the library alone, the notebooks' tools are extras."""
+    from importlib.util import find_spec
+
+    missing = [m for m in modules if find_spec(m) is None]
+    if missing:
+        raise ImportError(
+            f"{what} needs {', '.join(missing)}, which hapkit's {extra!r} extra installs: "
+            f"pip install 'hapkit[{extra}]' (or `make setup`, which installs every extra)"
+        )

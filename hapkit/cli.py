@@ -55,7 +55,9 @@ def _add_evaluate(sub) -> None:
         help="evaluate a trained checkpoint",
         description=(
             "Embed the eval sets of the checkpoint's dataset with its model and print every "
-            "retrieval metric (H-AP, ASI, NDCG, AP, mAP@R, R@k per level)."
+            "retrieval metric (H-AP, ASI, NDCG, AP, mAP@R, R@k per level). Under "
+            "`torchrun --nproc_per_node N -m hapkit evaluate ...` each process embeds its share "
+            "of every set on its own GPU and they rank together."
         ),
     )
     p.add_argument("--checkpoint", required=True, help="checkpoint.pt written by `hapkit train`")
@@ -189,15 +191,21 @@ def _print_metrics(metrics: dict) -> None:
 
 
 def _cmd_evaluate(args) -> int:
-    from hapkit.training.distributed import _pick_device
+    """Evaluate a checkpoint; under ``torchrun --nproc_per_node N`` every process embeds its share
+    of each eval set (on its own GPU) and they rank together; process 0 prints."""
+    from hapkit.training.distributed import init_distributed, shutdown_distributed
     from hapkit.training.runs import evaluate_checkpoint
 
-    device = _pick_device(args.device, 0)
-    metrics = evaluate_checkpoint(args.checkpoint, device=device, data_root=args.data_root,
-                                  progress=not args.no_progress)
-    _print_metrics(metrics)
-    if args.json:
-        Path(args.json).write_text(json.dumps(metrics, indent=2))
+    ctx = init_distributed(args.device)
+    try:
+        metrics = evaluate_checkpoint(args.checkpoint, device=ctx.device, data_root=args.data_root,
+                                      progress=not args.no_progress and ctx.is_main, distributed=ctx.enabled)
+    finally:
+        shutdown_distributed()
+    if ctx.is_main:
+        _print_metrics(metrics)
+        if args.json:
+            Path(args.json).write_text(json.dumps(metrics, indent=2))
     return 0
 
 

@@ -16,6 +16,8 @@ Result names (``RetrievalResults.summary`` and the columns of ``.per_query``), c
 - ``mAP@R@c``: mAP@R at level c;
 - ``R@k@c``: recall rate at k at level c, for every k in ``ks``;
 - ``P@1@c``: precision at 1 at level c;
+- ``ASI@c``: binary ASI at level c (positives: same label in column c; HAPPIER's
+  ``with_binary_asi``, reported on DyML); computed only when asked for (``metrics=[..., "ASI@"]``);
 - ``AP#v``: AP of shared level v alone (items sharing more than v levels removed).
 
 Reference semantics kept (SPEC.md): in the same-set protocol the relevance counts the query
@@ -25,8 +27,11 @@ are comparable.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -37,13 +42,30 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from hapkit.hierarchy import LabelError, as_label_tensor, check_tree, relevance as relevance_fn, shared_levels
-from hapkit.metrics import RankedRelevant, Workspace, neighbour_agreement, rank_relevant, top1_failures
+from hapkit.hierarchy import (
+    LabelError,
+    as_label_tensor,
+    check_tree,
+    level_relevance,
+    relevance as relevance_fn,
+)
+from hapkit.metrics import RankedRelevant, Workspace, neighbour_agreement, rank_by_labels, rank_relevant, top1_failures
 
-__all__ = ["evaluate", "RetrievalResults", "extract_embeddings", "METRIC_FAMILIES", "metric_names",
-           "nearest_neighbours", "neighbourhood_metrics"]
+__all__ = [
+    "evaluate",
+    "RetrievalResults",
+    "RetrievalMetrics",
+    "extract_embeddings",
+    "METRIC_FAMILIES",
+    "OPTIONAL_FAMILIES",
+    "metric_names",
+    "nearest_neighbours",
+    "neighbourhood_metrics",
+]
 
+# The families computed by default (metrics=None), and those computed only when named.
 METRIC_FAMILIES = ("H-AP", "ASI", "NDCG", "AP", "mAP@R", "R@k", "P@1", "AP#")
+OPTIONAL_FAMILIES = ("ASI@",)
 _TOPK_FAMILIES = frozenset({"R@k", "P@1"})
 
 # Query x gallery pairs per chunk. Working memory is about 40 bytes per pair plus ~200 per
@@ -104,6 +126,8 @@ def metric_names(num_levels: int, metrics=None, columns=None, ks: Sequence[int] 
             names.append(f"P@1@{c}")
         if "R@k" in fams:
             names += [f"R@{k}@{c}" for k in ks]
+        if "ASI@" in fams:
+            names.append(f"ASI@{c}")
     if "AP#" in fams:
         names += [f"AP#{v}" for v in range(1, num_levels + 1)]
     return names
@@ -119,13 +143,15 @@ def _resolve_metrics(metrics) -> set[str]:
     if isinstance(metrics, str):
         metrics = [metrics]
     out = set()
+    known = list(METRIC_FAMILIES + OPTIONAL_FAMILIES)
     for m in metrics:
-        fam = "AP#" if str(m).startswith("AP#") else ("R@k" if str(m).startswith("R@") else str(m))
-        if fam not in METRIC_FAMILIES:
-            raise ValueError(f"unknown metric {m!r}; choose among {list(METRIC_FAMILIES)}")
+        m = str(m)
+        fam = "AP#" if m.startswith("AP#") else "R@k" if m.startswith("R@") else "ASI@" if m.startswith("ASI@") else m
+        if fam not in known:
+            raise ValueError(f"unknown metric {m!r}; choose among {known}")
         out.add(fam)
     if not out:
-        raise ValueError(f"metrics is empty; choose among {list(METRIC_FAMILIES)} (or None for all)")
+        raise ValueError(f"metrics is empty; choose among {known} (or None for {list(METRIC_FAMILIES)})")
     return out
 
 
@@ -169,14 +195,20 @@ def _as_embeddings(x, name: str) -> torch.Tensor:
     return t
 
 
-def _counts_at_levels(q_labels: torch.Tensor, g_labels: torch.Tensor, same_set: bool) -> torch.Tensor:
-    """(Q, L) number of gallery items sharing each query's label in each column."""
+def _counts_at_levels(q_labels: torch.Tensor, g_labels: torch.Tensor, exclude: torch.Tensor | None) -> torch.Tensor:
+    """(Q, L) number of gallery items sharing each query's label in each column, the item each
+    query leaves out of its ranking (``exclude``, -1: none) not counted."""
     out = []
     for c in range(q_labels.shape[1]):
         size = int(max(q_labels[:, c].max(), g_labels[:, c].max())) + 1
         per_class = torch.bincount(g_labels[:, c], minlength=size)
-        out.append(per_class[q_labels[:, c]] - int(same_set))
-    return torch.stack(out, 1)
+        out.append(per_class[q_labels[:, c]])
+    counts = torch.stack(out, 1)
+    if exclude is not None:
+        left_out = exclude >= 0
+        shares = g_labels[exclude.clamp(min=0)] == q_labels
+        counts -= (shares & left_out[:, None]).to(counts.dtype)
+    return counts
 
 
 # ----------------------------------------------------------------------------------------------
@@ -197,8 +229,9 @@ def _exact_topk_torch(scores: torch.Tensor, k: int, exclude: torch.Tensor | None
     masked = scores
     if exclude is not None:
         masked = scores.clone()
-        masked[torch.arange(Q, device=scores.device), exclude] = -math.inf
-    k_eff = min(k, G - (exclude is not None))
+        rows = (exclude >= 0).nonzero().flatten()
+        masked[rows, exclude[rows]] = -math.inf
+    k_eff = min(k, G)  # a row's excluded item, if any, never gets a rank below
     out = torch.full((Q, k), -1, dtype=torch.int64, device=scores.device)
     if k_eff <= 0:
         return out
@@ -254,11 +287,13 @@ def _topk_faiss(faiss, index, queries: torch.Tensor, gallery: torch.Tensor, k: i
 def _full_chunk_metrics(rr: RankedRelevant, fams, cols, ks, L, rel_kwargs) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     if "H-AP" in fams:
-        # Relevance only depends on each query's counts per shared level, so the (Q, R) shared
-        # levels of the relevant items suffice (their padding is v = 0, whose count no relevance
-        # kind uses).
-        rel = relevance_fn(rr.shared, L, dtype=torch.float64, **rel_kwargs)
-        out["H-AP"] = rr.h_average_precision(rel, check=False)
+        # Relevance only depends on each query's counts per shared level (the query itself counted
+        # at level L in the same-set protocol, as the reference evaluation does).
+        kw = dict(rel_kwargs)
+        counts = rr.shared_counts()
+        if kw.pop("count_query"):
+            counts[:, L] += 1
+        out["H-AP"] = rr.h_average_precision_of_levels(level_relevance(counts, L, **kw))
     if "ASI" in fams:
         out["ASI"] = rr.asi()
     if "NDCG" in fams:
@@ -274,6 +309,8 @@ def _full_chunk_metrics(rr: RankedRelevant, fams, cols, ks, L, rel_kwargs) -> di
         if "R@k" in fams:
             for k, r in rr.recall_at_k(ks, min_shared).items():
                 out[f"R@{k}@{c}"] = r
+        if "ASI@" in fams:
+            out[f"ASI@{c}"] = rr.binary_asi(min_shared)
     if "AP#" in fams:
         for v in range(1, L + 1):
             out[f"AP#{v}"] = rr.ap_exclusive(v)
@@ -303,7 +340,8 @@ def _topk_chunk_metrics(neighbours, q_labels, g_labels_ext, has_pos, fams, cols,
 @dataclass
 class _Inputs:
     """The checked arguments of :func:`evaluate`: queries, gallery (the queries themselves in the
-    same-set protocol) and distractors, with their labels."""
+    same-set protocol) and distractors, with their labels, and the gallery item each query leaves
+    out of its ranking (``exclude``, -1: none; the query itself in the same-set protocol)."""
 
     queries: torch.Tensor
     query_labels: torch.Tensor
@@ -311,6 +349,7 @@ class _Inputs:
     gallery_labels: torch.Tensor
     distractors: torch.Tensor | None
     same_set: bool
+    exclude: torch.Tensor | None
 
     @property
     def num_levels(self) -> int:
@@ -322,7 +361,27 @@ class _Inputs:
         return int(self.gallery.shape[0])
 
 
-def _check_inputs(embeddings, labels, gallery_embeddings, gallery_labels, distractor_embeddings) -> _Inputs:
+def _check_gallery_exclude(gallery_exclude, num_queries: int, num_gallery: int, same_set: bool) -> torch.Tensor | None:
+    if gallery_exclude is None:
+        return torch.arange(num_queries) if same_set else None
+    if same_set:
+        raise ValueError(
+            "gallery_exclude needs a separate gallery (gallery_embeddings / gallery_labels): in the "
+            "same-set protocol each query already leaves itself out"
+        )
+    ex = torch.as_tensor(gallery_exclude)
+    if ex.dtype.is_floating_point or ex.dtype == torch.bool or ex.shape != (num_queries,):
+        raise ValueError(
+            f"gallery_exclude must be ({num_queries},) integers, one gallery index per query (-1: none), "
+            f"got {tuple(ex.shape)} {ex.dtype}"
+        )
+    ex = ex.to(torch.int64)
+    if ex.numel() and bool(((ex < -1) | (ex >= num_gallery)).any()):
+        raise ValueError(f"gallery_exclude holds indices outside [-1, {num_gallery}) (the gallery has {num_gallery} items)")
+    return ex
+
+
+def _check_inputs(embeddings, labels, gallery_embeddings, gallery_labels, distractor_embeddings, gallery_exclude=None) -> _Inputs:
     q_emb = _as_embeddings(embeddings, "embeddings")
     same_set = gallery_embeddings is None and gallery_labels is None
     # One tree check: of the labels, or of queries and gallery together (they must form one tree).
@@ -353,7 +412,8 @@ def _check_inputs(embeddings, labels, gallery_embeddings, gallery_labels, distra
             raise ValueError(f"distractor_embeddings have dimension {d_emb.shape[1]}, embeddings {q_emb.shape[1]}")
     if g_emb.shape[0] - int(same_set) + (0 if d_emb is None else d_emb.shape[0]) <= 0:
         raise ValueError("the gallery is empty: the same-set protocol needs at least two items")
-    return _Inputs(q_emb, q_lab, g_emb, g_lab, d_emb, same_set)
+    exclude = _check_gallery_exclude(gallery_exclude, q_emb.shape[0], g_emb.shape[0], same_set)
+    return _Inputs(q_emb, q_lab, g_emb, g_lab, d_emb, same_set, exclude)
 
 
 @dataclass
@@ -372,6 +432,21 @@ class _Plan:
     topk_only: bool
     use_faiss: bool
     k_needed: int
+    workers: int
+
+
+@contextlib.contextmanager
+def _one_thread_per_op():
+    """torch's intra-op threads set to 1 for the duration (restored after): chunks then run side
+    by side in worker threads instead. Most operations of a chunk (sorts, scatters, compactions)
+    run on one core anyway, and independent single-threaded chunks do not stall when the machine
+    is busy, where multi-threaded operations wait for their slowest (descheduled) thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _plan(inputs: _Inputs, metrics, columns, relevance, alpha, weights, ks, chunk_size, device, use_faiss) -> _Plan:
@@ -391,8 +466,10 @@ def _plan(inputs: _Inputs, metrics, columns, relevance, alpha, weights, ks, chun
     if use_faiss is None:
         use_faiss = faiss is not None and dev.type == "cpu"
     G = inputs.num_gallery + (0 if inputs.distractors is None else inputs.distractors.shape[0])
+    # faiss parallelises its searches itself; other CPU work runs chunks side by side
+    workers = 1 if dev.type != "cpu" or (use_faiss and topk_only) else max(1, torch.get_num_threads())
     if chunk_size is None:
-        per = _CUDA_CHUNK_ELEMENTS if dev.type == "cuda" else _CPU_CHUNK_ELEMENTS
+        per = _CUDA_CHUNK_ELEMENTS if dev.type == "cuda" else _CPU_CHUNK_ELEMENTS // workers
         chunk_size = max(1, per // G)
     if int(chunk_size) < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -400,11 +477,17 @@ def _plan(inputs: _Inputs, metrics, columns, relevance, alpha, weights, ks, chun
         families=fams, columns=cols, ks=ks, names=metric_names(L, fams, cols, ks), relevance=rel_kwargs,
         device=dev, dtype=dtype, chunk_size=int(chunk_size), topk_only=topk_only,
         use_faiss=bool(use_faiss) and topk_only, k_needed=max(ks) if "R@k" in fams else 1,
+        workers=min(workers, -(-inputs.queries.shape[0] // int(chunk_size))),
     )
 
 
-def _run_chunks(inputs: _Inputs, plan: _Plan, progress: bool) -> torch.Tensor:
-    """(len(plan.names), Q) float64 per-query values, NaN where a query has no positive."""
+def _chunk_starts(inputs: _Inputs, plan: _Plan) -> range:
+    return range(0, inputs.queries.shape[0], plan.chunk_size)
+
+
+def _run_chunks(inputs: _Inputs, plan: _Plan, progress: bool, starts=None) -> torch.Tensor:
+    """(len(plan.names), Q) float64 per-query values, NaN where a query has no positive, for the
+    chunks that begin at ``starts`` (default: every chunk; the other rows stay NaN)."""
     dev, dtype, L = plan.device, plan.dtype, inputs.num_levels
     gallery = inputs.gallery.to(dev, dtype)
     if inputs.distractors is not None:
@@ -412,26 +495,30 @@ def _run_chunks(inputs: _Inputs, plan: _Plan, progress: bool) -> torch.Tensor:
     n_main = inputs.num_gallery
     G = gallery.shape[0]
     Q = inputs.queries.shape[0]
-    g_lab_dev = inputs.gallery_labels.to(dev)
-    index = has_pos = g_lab_ext = None
+    # distractors (after the gallery proper) share nothing: labels -1
+    g_lab_ext = torch.cat([inputs.gallery_labels, torch.full((G - n_main, L), -1, dtype=torch.int64)])
+    g_lab_dev = g_lab_ext.to(dev)
+    index = has_pos = None
     if plan.use_faiss:
         faiss = _faiss()
         index = faiss.IndexFlatIP(gallery.shape[1])
         index.add(np.ascontiguousarray(gallery.float().cpu().numpy()))
     if plan.topk_only:
-        has_pos = _counts_at_levels(inputs.query_labels, inputs.gallery_labels, inputs.same_set)
-        g_lab_ext = torch.cat([inputs.gallery_labels, torch.full((G - n_main, L), -1, dtype=torch.int64)])
+        has_pos = _counts_at_levels(inputs.query_labels, inputs.gallery_labels, inputs.exclude)
 
     # Filled in place: small per-chunk tensors kept alive between the large temporary ones would
     # fragment the CPU heap and make the memory footprint grow chunk after chunk.
     values = torch.full((len(plan.names), Q), float("nan"), dtype=torch.float64)
-    workspace = Workspace()
-    starts = range(0, Q, plan.chunk_size)
-    for start in tqdm(starts, desc="evaluate", unit="chunk", disable=not progress, leave=False):
+    local = threading.local()  # one Workspace per thread
+
+    def run_chunk(start: int) -> None:
+        if not hasattr(local, "workspace"):
+            local.workspace = Workspace()
+        workspace = local.workspace
         stop = min(start + plan.chunk_size, Q)
         q = inputs.queries[start:stop].to(dev, dtype)
         q_lab = inputs.query_labels[start:stop]
-        exclude = torch.arange(start, stop, device=dev) if inputs.same_set else None
+        exclude = None if inputs.exclude is None else inputs.exclude[start:stop].to(dev)
         if plan.topk_only:
             if plan.use_faiss:
                 nb = _topk_faiss(_faiss(), index, q, gallery, plan.k_needed, exclude)
@@ -441,15 +528,26 @@ def _run_chunks(inputs: _Inputs, plan: _Plan, progress: bool) -> torch.Tensor:
                                       plan.ks, L)
         else:
             scores = torch.mm(q, gallery.T, out=workspace.get("scores", (stop - start, G), dtype, dev))
-            V = shared_levels(q_lab.to(dev), g_lab_dev)
-            if G > n_main:
-                V = torch.cat([V, V.new_zeros(V.shape[0], G - n_main)], 1)
-            rr = rank_relevant(scores, V, exclude=exclude, num_levels=L, check=False, workspace=workspace)
-            del scores, V
+            rr = rank_by_labels(scores, q_lab.to(dev), g_lab_dev, exclude=exclude, workspace=workspace)
+            del scores
             out = _full_chunk_metrics(rr, plan.families, plan.columns, plan.ks, L, plan.relevance)
         for i, name in enumerate(plan.names):
             values[i, start:stop] = out[name].cpu()
-        del out
+
+    starts = _chunk_starts(inputs, plan) if starts is None else starts
+    bar = tqdm(total=len(starts), desc="evaluate", unit="chunk", disable=not progress, leave=False)
+    try:
+        if plan.workers == 1:
+            for start in starts:
+                run_chunk(start)
+                bar.update()
+        else:
+            with _one_thread_per_op(), ThreadPoolExecutor(plan.workers) as pool:
+                for done in as_completed([pool.submit(run_chunk, start) for start in starts]):
+                    done.result()
+                    bar.update()
+    finally:
+        bar.close()
     return values
 
 
@@ -473,6 +571,7 @@ def _results(values: torch.Tensor, inputs: _Inputs, plan: _Plan, relevance, alph
         protocol="same-set" if inputs.same_set else "query/gallery",
         num_gallery=inputs.num_gallery - int(inputs.same_set) + n_distractors,
         num_distractors=n_distractors,
+        gallery_exclude=0 if inputs.same_set or inputs.exclude is None else int((inputs.exclude >= 0).sum()),
         num_levels=inputs.num_levels,
         relevance=relevance,
         alpha=alpha,
@@ -492,6 +591,7 @@ def evaluate(
     gallery_embeddings=None,
     gallery_labels=None,
     distractor_embeddings=None,
+    gallery_exclude=None,
     metrics=None,
     columns=None,
     relevance: str = "pop",
@@ -502,6 +602,9 @@ def evaluate(
     device=None,
     progress: bool = True,
     use_faiss: bool | None = None,
+    distributed: bool = False,
+    indices=None,
+    gallery_indices=None,
 ) -> RetrievalResults:
     """Exact retrieval metrics of embeddings, streamed over chunks of queries.
 
@@ -511,8 +614,14 @@ def evaluate(
         gallery_embeddings, gallery_labels: a separate gallery (query/gallery protocol). Without
             them every item is ranked against all the others (same-set protocol).
         distractor_embeddings: (M, D) extra gallery items related to no query (V = 0).
-        metrics: subset of :data:`METRIC_FAMILIES` (``"H-AP", "ASI", "NDCG", "AP", "mAP@R", "R@k",
-            "P@1", "AP#"``); None = all.
+        gallery_exclude: (Q,) integers, a gallery index each query leaves out of its ranking (-1:
+            none), for galleries that contain the queries themselves (DyML's benchmarks: the
+            query's own copy is dropped; the reference code drops each query's first neighbour,
+            which is that copy unless an exact duplicate ties with it). The left-out item is not
+            counted anywhere for that query (relevance counts, positives). Query/gallery protocol.
+        metrics: families of :data:`METRIC_FAMILIES` (``"H-AP", "ASI", "NDCG", "AP", "mAP@R",
+            "R@k", "P@1", "AP#"``) and :data:`OPTIONAL_FAMILIES` (``"ASI@"``, binary ASI per
+            column); None = every family of :data:`METRIC_FAMILIES`.
         columns: label columns c of the binary metrics (0 = finest); None = all.
         relevance, alpha, weights: H-AP relevance (:func:`hapkit.hierarchy.relevance`), default
             ``pop`` with alpha 1 as in every official HAPPIER config; ``weights`` for ``map``.
@@ -523,20 +632,267 @@ def evaluate(
         use_faiss: nearest neighbours by faiss (inner product) when only top-k metrics (R@k, P@1)
             are asked; None = when faiss is installed and the computation runs on CPU. Other
             metrics need the full ranking and always use the exact torch path.
+        distributed: every process of the initialised ``torch.distributed`` group calls
+            ``evaluate`` with its own shard of the queries (and of the gallery and distractors;
+            shards may differ in size, even be empty) and gets the full, identical results: the
+            shards are gathered once, each process ranks every ``world_size``-th chunk of queries
+            with the single-process code, and the per-query values are summed over processes.
+            Rows come in the order of the concatenated shards (process 0's first), or in the
+            order of ``indices``. Bit for bit the single-process result with the same
+            ``chunk_size``. Off by default: a process that evaluates alone must not wait for the
+            others. (The other arguments must be the same on every process.)
+        indices, gallery_indices: with ``distributed``, the position of each row of this
+            process's query (gallery) shard in the whole set, e.g. the indices a
+            ``DistributedSampler(shuffle=False, drop_last=False)`` gave it: rows are put back in
+            that order and the copies the sampler repeats to even out the shards are dropped.
+            ``indices`` also orders the gallery of the same-set protocol. Together they must cover
+            0..N-1.
 
     Returns:
         :class:`RetrievalResults`. Ties in scores are broken by gallery index (the lower first).
         Queries without any positive for a metric are left out of its mean and counted in
         ``.skipped`` (a warning says so).
 
-    On a CPU that other busy processes share, ``torch.set_num_threads(1)`` can be several times
-    faster: the many medium-sized operations of each chunk otherwise wait for a descheduled
-    worker thread.
+    On a CPU, chunks run side by side in ``torch.get_num_threads()`` worker threads, each of
+    them with single-threaded operations: torch's thread count is set to 1 for the duration of
+    the call and restored afterwards (other threads of the program that use torch meanwhile run
+    single-threaded too). Independent chunks do not stall on a busy machine, where
+    multi-threaded operations wait for their slowest, descheduled thread.
     """
-    inputs = _check_inputs(embeddings, labels, gallery_embeddings, gallery_labels, distractor_embeddings)
+    rank, world = _world() if distributed else (0, 1)
+    if distributed:
+        embeddings, labels, gallery_embeddings, gallery_labels, distractor_embeddings, gallery_exclude = _gathered(
+            embeddings, labels, gallery_embeddings, gallery_labels, distractor_embeddings, gallery_exclude,
+            indices, gallery_indices,
+        )
+    elif indices is not None or gallery_indices is not None:
+        raise ValueError("indices / gallery_indices order the shards of distributed=True; without it, pass the rows in order")
+    inputs = _check_inputs(embeddings, labels, gallery_embeddings, gallery_labels, distractor_embeddings, gallery_exclude)
     plan = _plan(inputs, metrics, columns, relevance, alpha, weights, ks, chunk_size, device, use_faiss)
-    values = _run_chunks(inputs, plan, progress)
-    return _results(values, inputs, plan, relevance, alpha, weights)
+    if world == 1:
+        values = _run_chunks(inputs, plan, progress)
+    else:
+        mine = list(_chunk_starts(inputs, plan))[rank::world]
+        values = _sum_over_processes(_run_chunks(inputs, plan, progress and rank == 0, starts=mine), mine, plan.chunk_size)
+    results = _results(values, inputs, plan, relevance, alpha, weights)
+    results.settings["processes"] = world
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# The streaming form (torchmetrics)
+
+
+def _retrieval_metrics_class():
+    import torchmetrics
+    from torchmetrics.utilities import dim_zero_cat
+
+    class RetrievalMetrics(torchmetrics.Metric):
+        """The streaming form of :func:`evaluate`, a ``torchmetrics.Metric``: embeddings and labels
+        are collected batch by batch, and :meth:`compute` ranks them all exactly and returns the
+        summary of :func:`evaluate` (the same names and values); the whole
+        :class:`RetrievalResults` of the last computation is kept in :attr:`results`.
+
+        It lives here, not in :mod:`hapkit.metrics`, because it is built on :func:`evaluate`,
+        which sits above the per-query metrics. torchmetrics is imported on first use of this
+        class (it takes seconds), so ``import hapkit.evaluate`` stays quick.
+
+        >>> metric = RetrievalMetrics(metrics=["H-AP", "AP", "R@k"])          # doctest: +SKIP
+        >>> for images, labels in loader:                                     # doctest: +SKIP
+        ...     metric.update(model(images), labels)
+        >>> metric.compute()["H-AP"]                                          # doctest: +SKIP
+
+        ``update(embeddings, labels)`` adds queries that are also the gallery (same-set protocol,
+        each query ranked against all the others); ``update(embeddings, labels, gallery=True)``
+        adds items to a separate gallery (query/gallery protocol, as soon as one is added). With
+        several processes, torchmetrics gathers every process's states before :meth:`compute`, so
+        every process evaluates all of them (for test sets too large to evaluate on each process,
+        give each its shard and call ``evaluate(..., distributed=True)``).
+
+        Args: the options of :func:`evaluate` (``metrics``, ``columns``, ``relevance``, ``alpha``,
+        ``weights``, ``ks``, ``chunk_size``, ``device``, ``use_faiss``); ``progress`` is off by
+        default. Further keyword arguments go to ``torchmetrics.Metric``.
+        """
+
+        is_differentiable = False
+        higher_is_better = True
+        full_state_update = False
+
+        def __init__(self, metrics=None, columns=None, relevance: str = "pop", alpha: float = 1.0,
+                     weights: Sequence[float] | None = None, ks: Sequence[int] = (1, 4, 16),
+                     chunk_size: int | None = None, device=None, use_faiss: bool | None = None,
+                     progress: bool = False, **kwargs):
+            super().__init__(**kwargs)
+            _resolve_metrics(metrics)  # fail now on a bad option, not at the end of an epoch
+            _resolve_ks(ks)
+            self.options = dict(metrics=metrics, columns=columns, relevance=relevance, alpha=alpha,
+                                weights=weights, ks=ks, chunk_size=chunk_size, device=device,
+                                use_faiss=use_faiss, progress=progress)
+            self.results: RetrievalResults | None = None
+            for name in ("embeddings", "labels", "gallery_embeddings", "gallery_labels"):
+                self.add_state(name, default=[], dist_reduce_fx="cat")
+
+        def update(self, embeddings: torch.Tensor, labels, gallery: bool = False) -> None:
+            """Add a batch of (B, D) embeddings with their (B, L) labels (queries, or gallery items)."""
+            emb = _as_embeddings(embeddings, "embeddings").detach()
+            lab = as_label_tensor(labels, "labels", check=False).to(emb.device)
+            if lab.shape[0] != emb.shape[0]:
+                raise ValueError(f"RetrievalMetrics.update: {emb.shape[0]} embeddings but {lab.shape[0]} label rows")
+            prefix = "gallery_" if gallery else ""
+            getattr(self, prefix + "embeddings").append(emb)
+            getattr(self, prefix + "labels").append(lab)
+
+        def compute(self) -> dict[str, float]:
+            """:func:`evaluate` of everything added since the last reset: its ``summary``."""
+            if not len(self.embeddings):
+                raise ValueError("RetrievalMetrics.compute: no query was added (call update first)")
+            gallery = {}
+            if len(self.gallery_embeddings):
+                gallery = dict(gallery_embeddings=dim_zero_cat(self.gallery_embeddings),
+                               gallery_labels=dim_zero_cat(self.gallery_labels))
+            self.results = evaluate(dim_zero_cat(self.embeddings), dim_zero_cat(self.labels), **gallery, **self.options)
+            return dict(self.results.summary)
+
+    # found by pickle (and by a copy made for another process) as hapkit.evaluate.RetrievalMetrics
+    RetrievalMetrics.__module__, RetrievalMetrics.__qualname__ = __name__, "RetrievalMetrics"
+    return RetrievalMetrics
+
+
+def __getattr__(name: str):
+    if name == "RetrievalMetrics":  # built on first use: torchmetrics takes seconds to import
+        cls = globals()[name] = _retrieval_metrics_class()
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Several processes (distributed=True)
+
+
+def _world() -> tuple[int, int]:
+    """(rank, world size) of the initialised default process group."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            "evaluate(distributed=True) needs an initialised torch.distributed process group: start "
+            "the processes with torchrun and call torch.distributed.init_process_group (or "
+            "hapkit.training.distributed.init_distributed) first"
+        )
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _comm_device() -> torch.device:
+    import torch.distributed as dist
+
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _gather_rows(x: torch.Tensor | None) -> torch.Tensor | None:
+    """Every process's (n_r, ...) rows concatenated in process order, on the CPU (n_r may differ)."""
+    import torch.distributed as dist
+
+    if x is None:
+        return None
+    world = dist.get_world_size()
+    if world == 1:
+        return x.cpu()
+    device = _comm_device()
+    n = torch.tensor([x.shape[0]], device=device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    sizes = [int(size) for size in sizes]
+    padded = torch.zeros((max(sizes), *x.shape[1:]), dtype=x.dtype, device=device)
+    padded[: x.shape[0]] = x.to(device)
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:size] for part, size in zip(parts, sizes)]).cpu()
+
+
+def _shard_description(embeddings, labels, gallery_embeddings, gallery_labels, distractor_embeddings,
+                       gallery_exclude, indices, gallery_indices) -> dict:
+    """What every process's shard must agree on, and this shard's error (None if it is fine)."""
+    try:
+        q = _as_embeddings(embeddings, "embeddings")
+        lab = as_label_tensor(labels, "labels", check=False)
+        if lab.shape[0] != q.shape[0]:
+            raise ValueError(f"embeddings has {q.shape[0]} rows but labels has {lab.shape[0]}")
+        described = {"dim": q.shape[1], "dtype": str(q.dtype), "levels": lab.shape[1]}
+        for name, x, rows in (("gallery_embeddings", gallery_embeddings, None), ("gallery_labels", gallery_labels, None),
+                              ("distractor_embeddings", distractor_embeddings, None),
+                              ("gallery_exclude", gallery_exclude, q.shape[0]), ("indices", indices, q.shape[0]),
+                              ("gallery_indices", gallery_indices, None)):
+            described[name] = x is not None
+            if x is not None and rows is not None and len(x) != rows:
+                raise ValueError(f"{name} has {len(x)} entries for this process's {rows} queries")
+        if gallery_indices is not None and gallery_embeddings is not None and len(gallery_indices) != len(gallery_embeddings):
+            raise ValueError(f"gallery_indices has {len(gallery_indices)} entries for {len(gallery_embeddings)} gallery rows")
+        return {**described, "error": None}
+    except (ValueError, LabelError) as err:
+        return {"error": str(err)}
+
+
+def _in_order(indices: torch.Tensor, *rows):
+    """``rows`` sorted by ``indices``, each index once (the first copy): the sampler's order."""
+    idx = torch.as_tensor(indices).to(torch.int64).flatten()
+    order = torch.argsort(idx, stable=True)
+    idx = idx[order]
+    first = torch.ones_like(idx, dtype=torch.bool)
+    first[1:] = idx[1:] != idx[:-1]
+    keep = order[first]
+    if not torch.equal(idx[first], torch.arange(int(first.sum()))):
+        raise ValueError(
+            "indices (gallery_indices) of all processes together must cover 0..N-1, each index at "
+            "least once (the indices of a DistributedSampler over the whole set)"
+        )
+    return [None if x is None else x[keep] for x in rows]
+
+
+def _gathered(embeddings, labels, gallery_embeddings, gallery_labels, distractor_embeddings, gallery_exclude,
+              indices, gallery_indices):
+    """The whole inputs of :func:`evaluate` from every process's shard, the same on every process."""
+    import torch.distributed as dist
+
+    mine = _shard_description(embeddings, labels, gallery_embeddings, gallery_labels, distractor_embeddings,
+                              gallery_exclude, indices, gallery_indices)
+    every = [None] * dist.get_world_size()
+    if len(every) == 1:
+        every = [mine]
+    else:
+        dist.all_gather_object(every, mine)
+    errors = [f"process {r}: {d['error']}" for r, d in enumerate(every) if d["error"]]
+    if errors:  # raised by every process alike: none is left waiting for the others
+        raise ValueError("evaluate(distributed=True): " + "; ".join(errors))
+    if any({k: v for k, v in d.items() if k != "error"} != {k: v for k, v in every[0].items() if k != "error"} for d in every):
+        raise ValueError(
+            "evaluate(distributed=True): the processes' shards disagree (embedding size, dtype, label "
+            f"levels, or which of the optional arguments are given): {every}"
+        )
+    q_emb, q_lab = _gather_rows(torch.as_tensor(embeddings)), _gather_rows(as_label_tensor(labels, "labels", check=False))
+    exclude = None if gallery_exclude is None else _gather_rows(torch.as_tensor(gallery_exclude).to(torch.int64))
+    if indices is not None:
+        q_emb, q_lab, exclude = _in_order(_gather_rows(torch.as_tensor(indices).to(torch.int64)), q_emb, q_lab, exclude)
+    g_emb = g_lab = None
+    if gallery_embeddings is not None or gallery_labels is not None:
+        g_emb = _gather_rows(torch.as_tensor(gallery_embeddings))
+        g_lab = _gather_rows(as_label_tensor(gallery_labels, "gallery_labels", check=False))
+        if gallery_indices is not None:
+            g_emb, g_lab = _in_order(_gather_rows(torch.as_tensor(gallery_indices).to(torch.int64)), g_emb, g_lab)
+    d_emb = None if distractor_embeddings is None else _gather_rows(torch.as_tensor(distractor_embeddings))
+    return q_emb, q_lab, g_emb, g_lab, d_emb, exclude
+
+
+def _sum_over_processes(values: torch.Tensor, starts, chunk_size: int) -> torch.Tensor:
+    """Every process computed the rows of its chunks: the whole table on every process."""
+    import torch.distributed as dist
+
+    mine = torch.zeros(values.shape[1], dtype=torch.bool)
+    for start in starts:
+        mine[start : start + chunk_size] = True
+    # the others' rows count 0 here: x + 0 = x exactly, and a NaN (no positive) stays NaN
+    shared = torch.where(mine, values, torch.zeros_like(values)).to(_comm_device())
+    dist.all_reduce(shared, op=dist.ReduceOp.SUM)
+    return shared.cpu()
 
 
 # ----------------------------------------------------------------------------------------------

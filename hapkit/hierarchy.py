@@ -24,6 +24,7 @@ __all__ = [
     "shared_levels",
     "shared_counts",
     "relevance",
+    "level_relevance",
     "RELEVANCE_KINDS",
 ]
 
@@ -158,22 +159,35 @@ def relevance(
     protocol to match the published numbers. Any positive rescaling of the weights leaves every
     metric unchanged.
     """
+    counts = shared_counts(V, num_levels, count_query=count_query)
+    per_level = level_relevance(counts, num_levels, kind, alpha, weights, dtype)
+    return torch.gather(per_level, 1, V.long())
+
+
+def level_relevance(
+    counts: torch.Tensor,
+    num_levels: int,
+    kind: str = "pop",
+    alpha: float = 1.0,
+    weights: Sequence[float] | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """The relevance of each shared level v (0..L) for each query, (Q, L + 1), from the counts
+    n_q(v) of :func:`shared_counts`: what :func:`relevance` gives every item at that level."""
     if kind not in RELEVANCE_KINDS:
         raise ValueError(f"unknown relevance kind {kind!r}; choose one of {RELEVANCE_KINDS}")
-    Vl = V.long()
-    counts = shared_counts(V, num_levels, count_query=count_query).to(dtype)  # (Q, L+1)
+    counts = counts.to(dtype)
     if kind == "pop":
-        w = torch.arange(num_levels + 1, dtype=dtype, device=V.device) ** alpha
+        w = torch.arange(num_levels + 1, dtype=dtype, device=counts.device) ** alpha
         w[0] = 0.0
-        per_level = w[None, :] / counts.clamp(min=1)  # (Q, L+1)
-    else:
-        if weights is None or len(weights) != num_levels:
-            raise ValueError(
-                f"relevance 'map' needs one weight per level 1..{num_levels}, got {weights!r}"
-            )
-        w = torch.as_tensor([0.0, *weights], dtype=dtype, device=V.device)
-        # |{j : V >= p}| = suffix sums of the exact-level counts
-        at_least = counts.flip(1).cumsum(1).flip(1)
-        per_level = (w[None, :] / at_least.clamp(min=1)).cumsum(1)
-        per_level[:, 0] = 0.0
-    return torch.gather(per_level, 1, Vl)
+        return w[None, :] / counts.clamp(min=1)
+    if weights is None or len(weights) != num_levels:
+        raise ValueError(
+            f"relevance 'map' needs one weight per level 1..{num_levels}, got {weights!r}"
+        )
+    w = torch.as_tensor([0.0, *weights], dtype=dtype, device=counts.device)
+    # |{j : V >= p}| = suffix sums of the exact-level counts
+    at_least = counts.flip(1).cumsum(1).flip(1)
+    per_level = (w[None, :] / at_least.clamp(min=1)).cumsum(1)
+    per_level[:, 0] = 0.0
+    return per_level

@@ -15,6 +15,7 @@ Definitions follow SPEC.md ("Metrics"), i.e. the evaluation code of HAPPIER (Ram
   H-AP = sum_k H-rank(k) / rank(k) / sum_k rel(k); it equals AP for binary relevance;
 - NDCG with gain 2**V - 1 over the whole ranking;
 - ASI (average set intersection) over the first R positions, R = number of items with V > 0;
+  binary ASI at a label column (HAPPIER's ``with_binary_asi``): the same with positives only;
 - AP#v, the "exclusive" AP of one level: positives are the items with V == v, items with V > v are
   removed from the ranking.
 
@@ -48,6 +49,7 @@ __all__ = [
     "RankedRelevant",
     "Workspace",
     "rank_relevant",
+    "rank_by_labels",
     "average_precision",
     "map_at_r",
     "recall_at_k",
@@ -55,6 +57,7 @@ __all__ = [
     "h_average_precision",
     "ndcg",
     "asi",
+    "binary_asi",
     "ap_exclusive",
     "ranking_metrics",
     "h_rank_table",
@@ -148,40 +151,93 @@ class RankedRelevant:
         return self.shared.shape[0]
 
     # -- shared intermediate results (computed once per object) --------------------------------
+    #
+    # Every level is handled at once: (Q, L, R) float64 tensors hold, for v = 1..L, the indicator
+    # of the level-v entries, its running count along the ranking, and the running count of the
+    # entries at level >= v. On a CPU, operations on boolean masks (torch.where, bool x float
+    # products, cumulative sums of booleans) run several times slower than float arithmetic:
+    # masks become float64 0/1 indicators (exact for counts) through a uint8 view.
+
     def _memo(self, key, fn):
         memo = self.__dict__.setdefault("_memo_", {})  # frozen dataclass: no attribute assignment
         if key not in memo:
             memo[key] = fn()
         return memo[key]
 
-    @property
-    def at_least(self) -> torch.Tensor:
-        """(num_levels + 2, Q, R) float64 counts: ``at_least[m][q, i]`` = entries with v >= m
-        among the first i + 1 entries of query q (``at_least[num_levels + 1]`` is 0); the last
-        column holds each query's totals. Float64 (exact for counts) so that the metrics need no
-        conversion."""
+    def _levels(self) -> torch.Tensor:
+        """(Q, L, R): 1 where entry i is at shared level exactly v + 1."""
 
         def make():
-            Q, r = self.shared.shape
-            out = torch.empty(self.num_levels + 2, Q, r, dtype=_F64, device=self.shared.device)
-            out[self.num_levels + 1].zero_()
-            for v in range(self.num_levels, 0, -1):
-                torch.cumsum(self.shared == v, 1, dtype=_F64, out=out[v])
-                out[v] += out[v + 1]
-            out[0] = out[1]  # v = 0 is padding: "v >= 0" counts the relevant entries too
-            return out
+            lv = torch.arange(1, self.num_levels + 1, device=self.shared.device)
+            return _indicator(self.shared[:, None, :] == lv[None, :, None])
 
-        return self._memo("at_least", make)
+        return self._memo("levels", make)
+
+    def _running(self) -> torch.Tensor:
+        """(Q, L, R): entries at level exactly v + 1 among the first i + 1."""
+        return self._memo("running", lambda: self._levels().cumsum(2))
+
+    def _suffix_over_levels(self, x: torch.Tensor) -> torch.Tensor:
+        """[:, m - 1] = sum of x[:, v - 1] over the levels v >= m."""
+        out = x.clone()
+        for v in range(self.num_levels - 2, -1, -1):
+            out[:, v] += out[:, v + 1]
+        return out
+
+    def _positives(self) -> torch.Tensor:
+        """(Q, L, R): 1 where entry i is at shared level >= m, for m = 1..L."""
+        return self._memo("positives", lambda: self._suffix_over_levels(self._levels()))
+
+    def _running_positives(self) -> torch.Tensor:
+        """(Q, L, R): entries at level >= m among the first i + 1, for m = 1..L."""
+        return self._memo("running_positives", lambda: self._suffix_over_levels(self._running()))
+
+    def _column(self, stacked: torch.Tensor, m: int) -> torch.Tensor:
+        """Level m of a stacked (Q, L, R) tensor (zeros outside 1..L)."""
+        if not 1 <= m <= self.num_levels:
+            return torch.zeros(self.shared.shape, dtype=_F64, device=self.shared.device)
+        return stacked[:, m - 1]
+
+    def at_level(self, v: int) -> torch.Tensor:
+        """(Q, R) float64 indicator of the entries at shared level exactly ``v``."""
+        return self._column(self._levels(), v)
+
+    def at_least_level(self, m: int) -> torch.Tensor:
+        """(Q, R) float64 indicator of the entries at shared level >= ``m`` (the positives of a
+        binary metric; ``m`` <= 1: every relevant entry)."""
+        return self._column(self._positives(), max(m, 1))
 
     def cumulative(self, v: int) -> torch.Tensor:
-        """(Q, R) float64: entries with v exactly ``v`` among the first i + 1 entries."""
-        return self._memo(("cumulative", v), lambda: self.at_least[v] - self.at_least[v + 1])
+        """(Q, R) float64: entries at shared level exactly ``v`` among the first i + 1 entries."""
+        return self._column(self._running(), v)
+
+    def at_least(self, m: int) -> torch.Tensor:
+        """(Q, R) float64: entries at shared level >= ``m`` among the first i + 1 entries."""
+        return self._column(self._running_positives(), max(m, 1))
+
+    def _level_totals(self) -> torch.Tensor:
+        """(Q, L + 2) int64: entries at exactly each level v (columns 0 and L + 1 stay 0)."""
+
+        def make():
+            out = torch.zeros(self.num_queries, self.num_levels + 2, dtype=torch.int64, device=self.shared.device)
+            out[:, 1 : self.num_levels + 1] = self._levels().sum(2).to(torch.int64)
+            return out
+
+        return self._memo("level_totals", make)
+
+    def _all_totals(self) -> torch.Tensor:
+        """(Q, L + 2) int64: [:, m] = entries at level >= m (m = 0 counts from level 1)."""
+
+        def make():
+            t = self._level_totals().flip(1).cumsum(1).flip(1)
+            t[:, 0] = t[:, 1]
+            return t
+
+        return self._memo("all_totals", make)
 
     def totals(self, min_shared: int = 1) -> torch.Tensor:
         """(Q,) int64: number of entries with v >= min_shared of each query."""
-        if self.shared.shape[1] == 0:
-            return torch.zeros(self.num_queries, dtype=torch.int64, device=self.shared.device)
-        return self.at_least[max(min_shared, 0)][:, -1].to(torch.int64)
+        return self._all_totals()[:, min(max(min_shared, 0), self.num_levels + 1)]
 
     @property
     def rank_f(self) -> torch.Tensor:
@@ -194,52 +250,72 @@ class RankedRelevant:
 
     def shared_counts(self) -> torch.Tensor:
         """(Q, num_levels + 1) int64: relevant items at exactly each shared level v (column 0 left at 0)."""
-        out = torch.zeros(self.num_queries, self.num_levels + 1, dtype=torch.int64, device=self.shared.device)
-        for v in range(1, self.num_levels + 1):
-            out[:, v] = self.totals(v) - self.totals(v + 1)
-        return out
+        return self._level_totals()[:, : self.num_levels + 1].clone()
 
     @staticmethod
     def _nan_where(values: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
         return torch.where(empty, torch.full_like(values, float("nan")), values)
 
     # -- binary metrics (positives: v >= min_shared) ----------------------------------------
-    def _positive(self, min_shared: int) -> torch.Tensor:
-        return self._memo(("positive", min_shared), lambda: self.shared >= min_shared)
+    def _precisions(self) -> torch.Tensor:
+        """(Q, L, R): #positives up to and including entry i / its rank where i is a positive (else
+        0), positives = level >= m, for m = 1..L."""
+        return self._memo("precisions", lambda: (self._running_positives() * self.inv_rank[:, None, :]).mul_(self._positives()))
 
-    def _precisions(self, min_shared: int) -> torch.Tensor:
-        """#positives up to and including each entry / its rank, 0 where not a positive."""
+    def _ap_sums(self) -> torch.Tensor:
+        """(Q, L + 2) float64: [:, m] = sum of the precisions at the positives of level >= m."""
 
         def make():
-            return torch.where(self._positive(min_shared), self.at_least[min_shared] * self.inv_rank, 0.0)
+            out = torch.zeros(self.num_queries, self.num_levels + 2, dtype=_F64, device=self.shared.device)
+            out[:, 1 : self.num_levels + 1] = self._precisions().sum(2)
+            return out
 
-        return self._memo(("precisions", min_shared), make)
+        return self._memo("ap_sums", make)
+
+    def _level_index(self, min_shared: int) -> int:
+        return min(max(min_shared, 1), self.num_levels + 1)
 
     def average_precision(self, min_shared: int = 1) -> torch.Tensor:
         """AP with positives = entries whose shared level v is >= ``min_shared``."""
         npos = self.totals(min_shared)
-        ap = self._precisions(min_shared).sum(1) / npos.clamp(min=1)
+        ap = self._ap_sums()[:, self._level_index(min_shared)] / npos.clamp(min=1)
         return self._nan_where(ap, npos == 0)
 
     def map_at_r(self, min_shared: int = 1) -> torch.Tensor:
         """mAP@R: AP restricted to positives ranked within the first R = |P| positions, over R."""
+
+        def make():
+            # The entries ranked within the first R positions of a query are a prefix of its
+            # entries (sorted by rank): sum the precisions over that prefix, for every level.
+            L = self.num_levels
+            out = torch.zeros(self.num_queries, L + 2, dtype=_F64, device=self.shared.device)
+            if self.shared.shape[1] == 0:
+                return out
+            npos = self._all_totals()[:, 1 : L + 1]
+            prefix = torch.searchsorted(self.rank, npos.contiguous(), right=True)  # (Q, L) entries
+            running = self._precisions().cumsum(2)
+            out[:, 1 : L + 1] = running.gather(2, (prefix - 1).clamp_(min=0)[:, :, None]).squeeze(2) * (prefix > 0)
+            return out
+
         npos = self.totals(min_shared)
-        prec = torch.where(self.rank <= npos[:, None], self._precisions(min_shared), 0.0)
-        m = prec.sum(1) / npos.clamp(min=1)
+        m = self._memo("map_at_r", make)[:, self._level_index(min_shared)] / npos.clamp(min=1)
         return self._nan_where(m, npos == 0)
 
     def best_positive_rank(self, min_shared: int = 1) -> torch.Tensor:
         """Rank of the first positive of each query (int64; gallery_size + 1 where none)."""
 
         def make():
-            none = self.gallery_size + 1
-            if self.shared.shape[1] == 0:
-                return none
-            # Entries are sorted by rank: the first positive is where "positives so far" is 1.
-            first = (self.at_least[min_shared] == 1).to(torch.int8).argmax(1, keepdim=True)
-            return torch.where(self.totals(min_shared) > 0, self.rank.gather(1, first).squeeze(1), none)
+            # entries before a query's first positive: those with no positive up to them
+            width = self.shared.shape[1]
+            leading = width - self._running_positives().clamp(max=1.0).sum(2).to(torch.int64)
+            best = self.rank.gather(1, leading.clamp_(max=max(width - 1, 0))) if width else leading
+            out = torch.empty(self.num_queries, self.num_levels + 2, dtype=torch.int64, device=self.shared.device)
+            out[:] = (self.gallery_size + 1)[:, None]
+            has = self._all_totals()[:, 1 : self.num_levels + 1] > 0
+            out[:, 1 : self.num_levels + 1] = torch.where(has, best, out[:, 1 : self.num_levels + 1])
+            return out
 
-        return self._memo(("best", min_shared), make)
+        return self._memo("best", make)[:, self._level_index(min_shared)]
 
     def recall_at_k(self, ks: Iterable[int] = (1,), min_shared: int = 1) -> dict[int, torch.Tensor]:
         """R@k (recall rate): 1 if a positive is among the first k items, for each k."""
@@ -255,7 +331,7 @@ class RankedRelevant:
             if k == 1:
                 hits = (self.best_positive_rank(min_shared) == 1).to(_F64)
             else:
-                hits = (self._positive(min_shared) & (self.rank <= k)).sum(1).to(_F64)
+                hits = torch.mul(self.at_least_level(min_shared), _indicator(self.rank <= k)).sum(1)
             out[k] = self._nan_where(hits / k, empty)
         return out
 
@@ -264,14 +340,11 @@ class RankedRelevant:
         """H-AP with ``relevance`` (Q, R) (one value per entry, > 0; padding ignored).
 
         All entries of one query at one level must share one relevance value (true of every
-        relevance built from shared levels): H-rank(k) = sum over levels v of
-        min(rel_v, rel(k)) * #(level-v items ranked at or before k). Levels are matched by id
-        (SPEC.md), so each item is counted once even when two levels have equal relevance.
+        relevance built from shared levels). Levels are matched by id (SPEC.md), so each item is
+        counted once even when two levels have equal relevance.
         """
-        valid = self.shared > 0
-        rel = torch.where(valid, relevance.to(_F64), 0.0)
-        Q = self.num_queries
-        table = torch.zeros(Q, self.num_levels + 1, dtype=_F64, device=rel.device)
+        rel = relevance.to(_F64) * self.at_least_level(1)
+        table = torch.zeros(self.num_queries, self.num_levels + 1, dtype=_F64, device=rel.device)
         table.scatter_reduce_(1, self.shared, rel, "amax", include_self=False)
         if check:
             low = torch.zeros_like(table).scatter_reduce_(1, self.shared, rel, "amin", include_self=False)
@@ -281,25 +354,39 @@ class RankedRelevant:
                     "levels by id, so relevance must be a function of the shared level (as every "
                     "hierarchy.relevance kind is)."
                 )
-        hrank = torch.zeros_like(rel)
-        for v in range(1, self.num_levels + 1):
-            hrank += torch.minimum(table[:, v : v + 1], rel) * self.cumulative(v)
-        total = rel.sum(1)
-        hap = (hrank * self.inv_rank).sum(1) / torch.where(total > 0, total, 1.0)
+        return self.h_average_precision_of_levels(table)
+
+    def h_average_precision_of_levels(self, level_relevance: torch.Tensor) -> torch.Tensor:
+        """H-AP with the relevance of each shared level, (Q, L + 1) (column 0 unused), e.g.
+        :func:`hapkit.hierarchy.level_relevance` of :meth:`shared_counts`.
+
+        H-rank(k) = sum over levels v of min(rel_v, rel(k)) * #(level-v items ranked at or before
+        k), so sum_k H-rank(k) / rank(k) = sum over levels v, w of min(rel_v, rel_w) * T[v, w] with
+        T[v, w] = sum over the level-w entries k of #(level-v items up to k) / rank(k): one batched
+        product for every pair of levels.
+        """
+        L = self.num_levels
+        rel = level_relevance.to(_F64)[:, 1 : L + 1]
+        T = torch.bmm(self._running() * self.inv_rank[:, None, :], self._levels().transpose(1, 2))
+        hsum = (torch.minimum(rel[:, :, None], rel[:, None, :]) * T).sum((1, 2))
+        total = (rel * self._level_totals()[:, 1 : L + 1].to(_F64)).sum(1)
+        hap = hsum / torch.where(total > 0, total, 1.0)
         return self._nan_where(hap, total <= 0)
 
     def ndcg(self) -> torch.Tensor:
         """NDCG with gain 2**v - 1 and discount 1 / log2(1 + rank), over the whole ranking."""
-        gain = torch.exp2(self.shared.to(_F64)).sub_(1.0)  # 0 for padding
-        dcg = gain.div_(torch.log2(self.rank_f + 1.0)).sum(1)
+        dev = self.shared.device
+        L = self.num_levels
+        gains = torch.exp2(torch.arange(1, L + 1, dtype=_F64, device=dev)).sub_(1.0)
+        discount = torch.log2(self.rank_f + 1.0).reciprocal_()
+        dcg = torch.bmm(self._levels(), discount[:, :, None]).squeeze(2) @ gains
         # The ideal ranking puts the levels in decreasing order: level v fills the positions after
         # every item of a higher level, so its discounts are a difference of prefix sums.
-        dev = self.shared.device
         r = self.shared.shape[1]
         disc = torch.zeros(r + 1, dtype=_F64, device=dev)
         disc[1:] = (1.0 / torch.log2(torch.arange(2, r + 2, dtype=_F64, device=dev))).cumsum(0)
         idcg = torch.zeros(self.num_queries, dtype=_F64, device=dev)
-        for v in range(self.num_levels, 0, -1):
+        for v in range(L, 0, -1):
             above, upto = self.totals(v + 1), self.totals(v)
             idcg += (2.0**v - 1.0) * (disc[upto] - disc[above])
         out = dcg / torch.where(idcg > 0, idcg, 1.0)
@@ -312,30 +399,69 @@ class RankedRelevant:
         Only ranks <= R matter, so each query needs R positions, not G.
         """
         Q, r = self.shared.shape
+        L = self.num_levels
         dev = self.shared.device
-        n = torch.arange(1, r + 1, device=dev)
-        slot = (self.rank - 1).clamp(max=r)  # ranks beyond R (and padding) land in slot r, dropped
-        si = torch.zeros(Q, r, dtype=torch.int64, device=dev)
-        hits = torch.empty(Q, r + 1, dtype=torch.int64, device=dev)
-        for v in range(self.num_levels, 0, -1):
-            hits.zero_().scatter_add_(1, slot, (self.shared == v).to(torch.int64))
-            got = hits[:, :r].cumsum(1)
-            above = self.totals(v + 1)[:, None]
-            ideal = (n - above).clamp_(min=0).minimum(self.totals(v)[:, None] - above)
-            si += torch.minimum(got, ideal)
-        inside = n[None, :] <= self.count[:, None]
-        total = torch.where(inside, si.to(_F64) / n, 0.0).sum(1)
-        out = total / self.count.clamp(min=1)
+        n = torch.arange(1, r + 1, dtype=_F64, device=dev)
+        slot = (self.rank - 1).clamp_(max=r)[:, None, :].expand(Q, L, r)  # beyond R (and padding): dropped
+        got = torch.zeros(Q, L, r + 1, dtype=_F64, device=dev).scatter_add_(2, slot, self._levels())
+        got = got[:, :, :r].cumsum(2)  # level-v items in the top n
+        totals = self._all_totals().to(_F64)
+        above = totals[:, 2 : L + 2, None]  # items at a higher level: they come first ideally
+        ideal = (n - above).clamp_(min=0)
+        ideal = torch.minimum(ideal, totals[:, 1 : L + 1, None] - above, out=ideal)
+        si = torch.minimum(got, ideal, out=ideal).sum(1)
+        inside = _indicator(self.count[:, None] >= torch.arange(1, r + 1, device=dev))
+        out = si.div_(n).mul_(inside).sum(1) / self.count.clamp(min=1)
         return self._nan_where(out, self.count == 0)
+
+    def binary_asi(self, min_shared: int = 1) -> torch.Tensor:
+        """ASI with binary relevance (positives: v >= ``min_shared``), HAPPIER's ``with_binary_asi``.
+
+        ASI = (1/|P|) sum_{n=1..|P|} #(positives in the top n) / n. A positive at rank r <= |P| is
+        in the top n for n = r..|P|, so it adds H(|P|) - H(r - 1) (H = harmonic numbers) and no
+        position loop is needed.
+        """
+        npos = self.totals(min_shared)
+        width = self.shared.shape[1]
+        dev = self.shared.device
+        harmonic = torch.zeros(width + 1, dtype=_F64, device=dev)
+        harmonic[1:] = torch.arange(1, width + 1, dtype=_F64, device=dev).reciprocal_().cumsum_(0)
+        inside = self.at_least_level(min_shared) * _indicator(self.rank <= npos[:, None])
+        below = harmonic.index_select(0, (self.rank - 1).clamp_(0, width).flatten()).view_as(self.rank_f)
+        per_item = (harmonic.index_select(0, npos)[:, None] - below).mul_(inside)
+        out = per_item.sum(1) / npos.clamp(min=1)
+        return self._nan_where(out, npos == 0)
+
+    def _exclusive_sums(self) -> torch.Tensor:
+        """(Q, L + 1) float64: [:, v] = sum over the level-v entries of #(level v up to them) /
+        (rank - #(higher levels ahead)), the precision once the higher levels are removed."""
+
+        def make():
+            L = self.num_levels
+            out = torch.zeros(self.num_queries, L + 1, dtype=_F64, device=self.shared.device)
+            running, levels = self._running(), self._levels()
+            # level L: nothing is removed, the precision is the AP's
+            out[:, L] = torch.mul(running[:, L - 1], self.inv_rank).mul_(levels[:, L - 1]).sum(1)
+            if L > 1:
+                # >= 1 at level-v entries; elsewhere the quotient is masked out (clamped: no inf * 0)
+                kept_rank = torch.sub(self.rank_f[:, None, :], self._running_positives()[:, 1:]).clamp_(min=1.0)
+                out[:, 1:L] = kept_rank.reciprocal_().mul_(running[:, : L - 1]).mul_(levels[:, : L - 1]).sum(2)
+            return out
+
+        return self._memo("exclusive", make)
 
     def ap_exclusive(self, v: int) -> torch.Tensor:
         """AP#v: positives = entries with shared level v, entries sharing more removed from the ranking."""
-        pert = self.shared == v
-        # rank - #(higher levels ahead) >= 1 at level-v entries (elsewhere it may be 0, unused).
-        prec = torch.where(pert, self.cumulative(v) / (self.rank_f - self.at_least[v + 1]), 0.0)
         npert = self.totals(v) - self.totals(v + 1)
-        ap = prec.sum(1) / npert.clamp(min=1)
+        if not 1 <= v <= self.num_levels:
+            return torch.full((self.num_queries,), float("nan"), dtype=_F64, device=self.shared.device)
+        ap = self._exclusive_sums()[:, v] / npert.clamp(min=1)
         return self._nan_where(ap, npert == 0)
+
+
+def _indicator(mask: torch.Tensor) -> torch.Tensor:
+    """A boolean mask as float64 0/1, through uint8 (much faster than converting booleans)."""
+    return mask.view(torch.uint8).to(_F64)
 
 
 def _check_ks(ks) -> list[int]:
@@ -393,103 +519,163 @@ def _row_score_order(flat: torch.Tensor, values: torch.Tensor, G: int) -> torch.
 # Scores turned into bins per block of at most this many elements (bounded float scratch).
 _BIN_BLOCK_ELEMENTS = 2**22
 
-# Bins per gallery item. More bins leave fewer irrelevant items sharing a bin with a relevant one
-# (those are sorted) at the price of longer histograms.
+# Bins per gallery item of the histogram path. More bins leave fewer irrelevant items sharing a
+# bin with a relevant one (those are sorted) at the price of longer histograms.
 _BINS_PER_ITEM = 2
 
+# The radix path's 16-bit sort keys: scores take the keys -32767..32766 (ascending key =
+# decreasing score), the item a query leaves out takes 32767, after everything.
+_RADIX_TOP_KEY = 32766.0
+_RADIX_SPAN = 65533.0
+_RADIX_LEFT_OUT = 32767
+# Items sharing a radix bin with a relevant item are compared one neighbour at a time; past this
+# many (heavy ties, or one score far from the others) the histogram path takes over.
+_RADIX_MAX_RUN = 48
 
-def rank_relevant(
-    scores,
-    shared,
-    exclude=None,
-    num_levels: int | None = None,
-    check: bool = True,
-    workspace: Workspace | None = None,
-) -> RankedRelevant:
-    """Exact ranks of the relevant items (``shared > 0``) in each query's full ranking.
 
-    Args:
-        scores: (Q, G) similarities, higher first; ties go to the lower gallery index.
-        shared: (Q, G) integer shared levels v (or a boolean positive mask); items with v = 0 are
-            not relevant but still take part in the ranking.
-        exclude: optional (Q,) gallery index to drop from each query's ranking (-1: none), e.g. the
-            query itself in the same-set protocol.
-        num_levels: largest shared level (default: the largest present).
-        check: validate the inputs (finite scores, shared >= 0); callers that already did skip it.
-        workspace: a :class:`Workspace` to reuse scratch memory over repeated calls.
+def _check_exclude(exclude, Q: int, G: int, device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(rows, items) of the queries that leave one gallery item out, or (None, None)."""
+    if exclude is None:
+        return None, None
+    ex = torch.as_tensor(exclude, device=device).to(torch.int64).flatten()
+    if ex.numel() != Q or bool(((ex < -1) | (ex >= G)).any()):
+        raise ValueError(f"exclude must hold one gallery index (or -1) per query, in [-1, {G})")
+    rows = (ex >= 0).nonzero().flatten()
+    if rows.numel() == 0:
+        return None, None
+    return rows, ex.index_select(0, rows)
 
-    No gallery is sorted. The scores of each query are bucketed into 2G uniform bins (a monotone
-    map); a histogram and its cumulative sum give each relevant item the number of items in higher
-    bins, which all score higher. Only the relevant items and the items sharing a bin with one of
-    them are sorted (by query, then score): that settles the order inside each bin exactly and
-    lists each query's relevant items in ranking order. Memory is O(Q * G).
-    """
-    S = _as_scores(scores, check=check)
-    lv = _as_shared(shared, S, "shared") if check else shared
+
+def _uniform_bins(S: torch.Tensor, rows_x, ex, ws, fill):
+    """``fill(block, shifted, scale)`` for blocks of rows: ``shifted`` = scores minus the row's
+    lowest, the left-out item set to 0 so that it does not stretch the range, and ``scale`` the
+    factor that maps the row's range onto the bins. Rounding is monotone at every step
+    (subtract, multiply, truncate), so a higher bin always means a strictly higher score and
+    equal scores share a bin: nothing more is needed for exactness."""
     Q, G = S.shape
-    dev = S.device
-    i64 = torch.int64
-    ws = workspace
-    relevant = _scratch(ws, "relevant", (Q, G), torch.bool, dev)
-    if lv.dtype == torch.bool:
-        relevant.copy_(lv)
-    else:
-        torch.gt(lv, 0, out=relevant)
-    gsize = torch.full((Q,), G, dtype=i64, device=dev)
-    rows_x = ex = None
-    if exclude is not None:
-        ex = torch.as_tensor(exclude, device=dev).to(i64).flatten()
-        if ex.numel() != Q or bool(((ex < -1) | (ex >= G)).any()):
-            raise ValueError(f"exclude must hold one gallery index (or -1) per query, in [-1, {G})")
-        rows_x = (ex >= 0).nonzero().flatten()
-        ex = ex[rows_x]
-        if rows_x.numel() == 0:
-            rows_x = ex = None
-        else:
-            relevant.view(-1).index_fill_(0, rows_x * G + ex, False)
-            gsize[rows_x] -= 1
-    if num_levels is None:
-        num_levels = int(lv.max()) if (lv.numel() and lv.dtype != torch.bool) else 1
-    num_levels = max(int(num_levels), 1)
-
-    # Flat (row-major) indices of the relevant items: each query's items by increasing index.
-    flat_r = relevant.view(-1).nonzero().squeeze(1)
-    rr = flat_r // G
-    count = torch.bincount(rr, minlength=Q) if rr.numel() else torch.zeros(Q, dtype=i64, device=dev)
-    width = int(count.max()) if Q else 0
-    out_shared = torch.zeros(Q, width, dtype=i64, device=dev)
-    rank = (gsize + 1)[:, None].expand(Q, width).clone()
-    item = torch.full((Q, width), -1, dtype=i64, device=dev)
-    if rr.numel() == 0:
-        return RankedRelevant(out_shared, rank, item, count, gsize, num_levels)
-
-    # Uniform bins over each query's score range. The excluded item (often the query itself, far
-    # above the rest) is left out of the range: it is put at the bottom, where it is counted out
-    # again below. Rounding is monotone at every step (subtract, multiply, truncate), so a higher
-    # bin always means a strictly higher score and equal scores share a bin: nothing more is
-    # needed for exactness.
-    B = max(_BINS_PER_ITEM * G, 16)
-    at_x = None if rows_x is None else rows_x * G + ex
     lo = S.amin(1, keepdim=True)
-    # Flat bin keys (query * B + bin), in 32 bits when they fit: half the memory traffic.
-    kdt = torch.int32 if Q * B < 2**31 else i64
-    keys = _scratch(ws, "keys", (Q, G), kdt, dev)
     step = max(1, _BIN_BLOCK_ELEMENTS // max(G, 1))  # rows per block: bounded float scratch
     for a in range(0, Q, step):
         b = min(a + step, Q)
         for dtype in (S.dtype, torch.float64):
-            shifted = _scratch(ws, "shifted", (b - a, G), dtype, dev)
+            shifted = _scratch(ws, "shifted", (b - a, G), dtype, S.device)
             torch.sub(S[a:b].to(dtype), lo[a:b].to(dtype), out=shifted)
-            if at_x is not None:
+            if rows_x is not None:
                 inside = (rows_x >= a) & (rows_x < b)
                 shifted.view(-1).index_fill_(0, (rows_x[inside] - a) * G + ex[inside], 0.0)
             span = shifted.amax(1, keepdim=True)
             if bool(torch.isfinite(span).all()):
                 break  # else the range overflows (scores near the float32 limit): redo in float64
+        fill(slice(a, b), shifted, span)
+
+
+def _radix_entries(S, relevant, rows_x, ex, ws):
+    """Relevant items of each query with their exact ranks, by a radix sort of 16-bit bins (CPU).
+
+    Every row is sorted by a 16-bit key, a uniform bin of its score (numpy's stable radix
+    argsort, linear in G). An item's position p in that order counts every item of a higher bin
+    plus the items of its own bin with a lower index; the items of its own bin, its neighbours
+    in the order, are then compared with it one distance at a time to settle the bin exactly.
+
+    Returns ``(row, item, rank, position)`` of the relevant items (item = gallery index,
+    position = place in the row's ranking of relevant items), or None when a bin holds too many
+    items to settle this way.
+    """
+    import numpy as np
+
+    Q, G = S.shape
+    keys = _scratch(ws, "radix_keys", (Q, G), torch.int16, S.device)
+
+    def fill(rows, shifted, span):
+        scale = (_RADIX_SPAN * (1 - 2**-20)) / span  # slightly under: rounding stays inside
+        scale = torch.where(torch.isfinite(scale) & (scale > 0), scale, torch.zeros_like(scale))
+        keys[rows].copy_(shifted.mul_(scale.neg_()).add_(_RADIX_TOP_KEY))  # truncation: monotone
+
+    _uniform_bins(S, rows_x, ex, ws, fill)
+    if rows_x is not None:
+        keys.view(-1).index_fill_(0, rows_x * G + ex, _RADIX_LEFT_OUT)
+    order = torch.from_numpy(np.argsort(keys.numpy(), axis=1, kind="stable"))
+    # The keys in sorted order, each row between two guards that match no score's key, so that
+    # walking along a bin stops at the end of the row.
+    padded = _scratch(ws, "ranked_keys", (1 + Q * (G + 1),), torch.int16, S.device)
+    rows_of_padded = padded[1:].view(Q, G + 1)
+    rows_of_padded[:, G] = _RADIX_LEFT_OUT
+    padded[0] = _RADIX_LEFT_OUT
+    torch.gather(keys, 1, order, out=rows_of_padded[:, :G])
+    ranked_relevant = _scratch(ws, "ranked_relevant", (Q, G), torch.bool, S.device)
+    torch.gather(relevant, 1, order, out=ranked_relevant)
+    order, ranked_relevant = order.view(-1), ranked_relevant.view(-1)
+    at = ranked_relevant.nonzero().squeeze(1)  # row * G + position in the row's order
+    row = at // G
+    base = row * G
+    p = at - base
+    at_padded = at + row + 1
+    key = padded.index_select(0, at_padded)
+    item = order.index_select(0, at)
+    flat = item + base
+    flat_scores = S.reshape(-1)
+    n = at.numel()
+    before = torch.zeros(n, dtype=torch.int64)  # items of the same bin ahead in the order
+    beats = torch.zeros(n, dtype=torch.int64)  # items of the same bin that rank before
+    move = torch.zeros(n, dtype=torch.int64)  # change of place among the relevant items
+    for side in (-1, 1):
+        # the entries whose bin continues at distance d on this side (most items are alone)
+        active = (padded.index_select(0, at_padded + side) == key).nonzero().squeeze(1)
+        for d in range(1, _RADIX_MAX_RUN + 2):
+            if d > 1:
+                same = padded.index_select(0, at_padded.index_select(0, active).add_(side * d)) == key.index_select(0, active)
+                active = active.index_select(0, same.nonzero().squeeze(1))
+            if active.numel() == 0:
+                break
+            if d > _RADIX_MAX_RUN:
+                return None
+            where = at.index_select(0, active).add_(side * d)
+            other = order.index_select(0, where).add_(base.index_select(0, active))
+            mine = flat_scores.index_select(0, flat.index_select(0, active))
+            theirs = flat_scores.index_select(0, other)
+            # the stable order keeps a bin's items by increasing index: ties go to the left one
+            wins = theirs >= mine if side < 0 else theirs > mine
+            both = ranked_relevant.index_select(0, where)
+            if side < 0:
+                before.index_add_(0, active, torch.ones_like(active))
+                move.index_add_(0, active, -(both & ~wins).to(torch.int64))
+            else:
+                move.index_add_(0, active, (both & wins).to(torch.int64))
+            beats.index_add_(0, active, wins.to(torch.int64))
+    count = torch.bincount(row, minlength=Q)
+    first = torch.cumsum(count, 0) - count
+    position = torch.arange(n).sub_(first.index_select(0, row)).add_(move)
+    return row, item, p.sub_(before).add_(beats).add_(1), position
+
+
+def _bin_entries(S, relevant, gsize, rows_x, ex, ws):
+    """Relevant items of each query with their exact ranks, by a histogram of uniform bins.
+
+    The scores of each query are bucketed into 2G uniform bins; a histogram and its cumulative
+    sum give each relevant item the number of items in higher bins, which all score higher. Only
+    the relevant items and the items sharing a bin with one of them are sorted (by query, then
+    score): that settles the order inside each bin exactly and lists each query's relevant items
+    in ranking order. Returns ``(row, item, rank)`` sorted by (row, rank).
+    """
+    Q, G = S.shape
+    flat_r = relevant.view(-1).nonzero().squeeze(1)
+    dev = S.device
+    i64 = torch.int64
+    B = max(_BINS_PER_ITEM * G, 16)
+    at_x = None if rows_x is None else rows_x * G + ex
+    # Flat bin keys (query * B + bin), in 32 bits when they fit: half the memory traffic.
+    kdt = torch.int32 if Q * B < 2**31 else i64
+    keys = _scratch(ws, "keys", (Q, G), kdt, dev)
+
+    def fill(rows, shifted, span):
         # Slightly under (B - 1) / range so that rounding cannot push the maximum past bin B - 1.
         scale = ((B - 1) * (1 - 2**-20)) / span
         scale = torch.where(torch.isfinite(scale) & (scale > 0), scale, torch.zeros_like(scale))  # one bin
-        keys[a:b].copy_(shifted.mul_(scale))  # truncation of values >= 0
+        keys[rows].copy_(shifted.mul_(scale))  # truncation of values >= 0
+
+    # The left-out item (often the query itself, far above the rest) is put at the bottom, where
+    # it is counted out again below.
+    _uniform_bins(S, rows_x, ex, ws, fill)
     keys.add_(torch.arange(0, Q * B, B, dtype=kdt, device=dev)[:, None])
     flat_keys = keys.view(-1)
 
@@ -526,17 +712,121 @@ def rank_relevant(
     row_k = flat_k // G
     rank_k = at_or_below.view(-1).index_select(0, group.index_select(0, keep)).to(i64)
     rank_k = (gsize.index_select(0, row_k) + 1).sub_(rank_k).add_(ahead.index_select(0, keep))
-    # Relevant entries are grouped by query, in ranking order: position = entry - query's first.
-    first = torch.cumsum(count, 0) - count
-    dst = torch.arange(flat_k.numel(), device=dev).sub_(first.index_select(0, row_k)).add_(row_k * width)
+    return row_k, flat_k - row_k * G, rank_k
 
-    if lv.dtype == torch.bool:
-        out_shared.view(-1).index_fill_(0, dst, 1)
+
+def _ranked(S, relevant, shared_at, rows_x, ex, num_levels: int, ws) -> RankedRelevant:
+    """The :class:`RankedRelevant` of ``relevant`` items (a (Q, G) boolean scratch mask, the left-out
+    items already cleared); ``shared_at(row, item)`` gives their shared levels."""
+    Q, G = S.shape
+    dev = S.device
+    i64 = torch.int64
+    gsize = torch.full((Q,), G, dtype=i64, device=dev)
+    if rows_x is not None:
+        gsize[rows_x] -= 1
+    count = relevant.sum(1)
+    width = int(count.max()) if Q else 0
+    out_shared = torch.zeros(Q, width, dtype=i64, device=dev)
+    rank = (gsize + 1)[:, None].expand(Q, width).clone()
+    item = torch.full((Q, width), -1, dtype=i64, device=dev)
+    if width == 0:
+        return RankedRelevant(out_shared, rank, item, count, gsize, num_levels)
+    found = _radix_entries(S, relevant, rows_x, ex, ws) if dev.type == "cpu" else None
+    if found is None:
+        row_k, item_k, rank_k = _bin_entries(S, relevant, gsize, rows_x, ex, ws)
+        # Relevant entries are grouped by query, in ranking order: position = entry - query's first.
+        first = torch.cumsum(count, 0) - count
+        position = torch.arange(row_k.numel(), device=dev).sub_(first.index_select(0, row_k))
     else:
-        out_shared.view(-1).index_copy_(0, dst, lv.reshape(-1).index_select(0, flat_k).to(i64))
+        row_k, item_k, rank_k, position = found
+    dst = position.add_(row_k * width)
+    out_shared.view(-1).index_copy_(0, dst, shared_at(row_k, item_k))
     rank.view(-1).index_copy_(0, dst, rank_k)
-    item.view(-1).index_copy_(0, dst, flat_k - row_k * G)
+    item.view(-1).index_copy_(0, dst, item_k)
     return RankedRelevant(out_shared, rank, item, count, gsize, num_levels)
+
+
+def rank_relevant(
+    scores,
+    shared,
+    exclude=None,
+    num_levels: int | None = None,
+    check: bool = True,
+    workspace: Workspace | None = None,
+) -> RankedRelevant:
+    """Exact ranks of the relevant items (``shared > 0``) in each query's full ranking.
+
+    Args:
+        scores: (Q, G) similarities, higher first; ties go to the lower gallery index.
+        shared: (Q, G) integer shared levels v (or a boolean positive mask); items with v = 0 are
+            not relevant but still take part in the ranking.
+        exclude: optional (Q,) gallery index to drop from each query's ranking (-1: none), e.g. the
+            query itself in the same-set protocol.
+        num_levels: largest shared level (default: the largest present).
+        check: validate the inputs (finite scores, shared >= 0); callers that already did skip it.
+        workspace: a :class:`Workspace` to reuse scratch memory over repeated calls.
+
+    No gallery is fully sorted by score. On a CPU, each row is sorted by a 16-bit uniform bin of
+    its scores with a linear-time radix sort, and only the items sharing a bin with a relevant
+    item are compared by score. Elsewhere (GPU), a histogram of 2G uniform bins counts the items
+    ahead of each relevant item and only the relevant items and their bin neighbours are sorted.
+    Both give the same exact ranks. Memory is O(Q * G).
+    """
+    S = _as_scores(scores, check=check)
+    lv = _as_shared(shared, S, "shared") if check else shared
+    Q, G = S.shape
+    ws = workspace
+    relevant = _scratch(ws, "relevant", (Q, G), torch.bool, S.device)
+    if lv.dtype == torch.bool:
+        relevant.copy_(lv)
+    else:
+        torch.gt(lv, 0, out=relevant)
+    rows_x, ex = _check_exclude(exclude, Q, G, S.device)
+    if rows_x is not None:
+        relevant.view(-1).index_fill_(0, rows_x * G + ex, False)
+    if num_levels is None:
+        num_levels = int(lv.max()) if (lv.numel() and lv.dtype != torch.bool) else 1
+    if lv.dtype == torch.bool:
+        shared_at = lambda row, item: torch.ones(row.numel(), dtype=torch.int64, device=S.device)  # noqa: E731
+    else:
+        shared_at = lambda row, item: lv.reshape(-1).index_select(0, row * G + item).to(torch.int64)  # noqa: E731
+    return _ranked(S, relevant, shared_at, rows_x, ex, max(int(num_levels), 1), ws)
+
+
+def rank_by_labels(
+    scores,
+    query_labels: torch.Tensor,
+    gallery_labels: torch.Tensor,
+    exclude=None,
+    workspace: Workspace | None = None,
+) -> RankedRelevant:
+    """:func:`rank_relevant` with the shared levels of (Q, L) and (G, L) tree labels, finest first.
+
+    For tree labels an item is relevant (V > 0) exactly when it shares the query's coarsest label,
+    so the (Q, G) matrix V is never built: one comparison finds the relevant items and V is
+    counted for them alone. Gallery rows of -1 (distractors) share nothing. ``scores`` must be
+    finite (not checked).
+    """
+    S = _as_scores(scores, check=False)
+    Q, G = S.shape
+    dev = S.device
+    q = torch.as_tensor(query_labels).to(dev)
+    g = torch.as_tensor(gallery_labels).to(dev)
+    L = int(q.shape[1])
+    relevant = _scratch(workspace, "relevant", (Q, G), torch.bool, dev)
+    torch.eq(q[:, L - 1, None], g[None, :, L - 1], out=relevant)
+    rows_x, ex = _check_exclude(exclude, Q, G, dev)
+    if rows_x is not None:
+        relevant.view(-1).index_fill_(0, rows_x * G + ex, False)
+
+    def shared_at(row, item):
+        # the coarsest label is shared (that is what relevant means); count the finer ones
+        shared = torch.ones(row.numel(), dtype=torch.int64, device=dev)
+        for c in range(L - 1):
+            shared += q[:, c].index_select(0, row) == g[:, c].index_select(0, item)
+        return shared
+
+    return _ranked(S, relevant, shared_at, rows_x, ex, L, workspace)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -633,6 +923,14 @@ def asi(scores, shared_levels, num_levels: int | None = None) -> torch.Tensor:
     if num_levels is not None and V.numel() and int(V.max()) > num_levels:
         raise ValueError(f"shared_levels has a value {int(V.max())} > num_levels={num_levels}")
     return rank_relevant(S, V, num_levels=num_levels).asi()
+
+
+def binary_asi(scores, positive_mask) -> torch.Tensor:
+    """ASI with binary relevance (HAPPIER's ``with_binary_asi``), (Q,) float64, NaN without positive.
+
+    ASI = (1/|P|) sum_{n=1..|P|} #(positives among the first n items) / n.
+    """
+    return _rank_binary(scores, positive_mask).binary_asi(1)
 
 
 def ap_exclusive(scores, shared_levels, v: int) -> torch.Tensor:

@@ -27,6 +27,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
+from hapkit._lazy import require_extra
 from hapkit.results import METRICS_FILE, collect_runs, summarize, write_summary
 
 __all__ = [
@@ -195,6 +196,7 @@ def run_grid(methods=None, datasets=None, seeds=1, data_root=None, out="results"
     run is reported at the end (its executed notebook shows the error) after the summary of the
     others has been written.
     """
+    require_extra("notebooks", "papermill", what="hapkit.reproduce.run_grid")
     notebook = Path(notebook) if notebook else find_notebook()
     specs = plan_grid(methods, datasets, seeds, out, data_root, epochs, overrides)
     check_datasets([s.dataset for s in specs], data_root)
@@ -230,6 +232,7 @@ def run_notebooks(notebooks_dir=None, out="results", jobs=1, force=False, timeou
     that it reads the grid's models instead of training its own). Notebooks whose executed copy
     exists without error are skipped unless ``force``.
     """
+    require_extra("notebooks", "papermill", what="hapkit.reproduce.run_notebooks")
     import papermill
 
     src = Path(notebooks_dir) if notebooks_dir else find_notebook().parent

@@ -2,12 +2,16 @@
 error messages for bad overrides."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from hapkit.cli import build_parser, main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # one quick epoch on the generated dataset: 6 batches (one per pair of families), small eval
 QUICK = ["--set", "train.epochs=1", "--set", "data.batches_per_super_tuple=1", "--set", "model.width=4",
@@ -71,6 +75,29 @@ def test_train_then_evaluate_on_the_generated_dataset(tmp_path, capsys):
     assert evaluated.keys() == {k for k in trained if k.startswith("test/")}
     for k, v in evaluated.items():
         assert v == pytest.approx(trained[k], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_evaluate_under_torchrun_on_two_processes_equals_one_process(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--recipe", "happier", "--dataset", "generated", "--out", str(run),
+                 "--no-progress", *QUICK]) == 0
+    assert main(["evaluate", "--checkpoint", str(run / "checkpoint.pt"), "--json", str(tmp_path / "one.json"),
+                 "--no-progress", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "hapkit", "evaluate", "--checkpoint", str(run / "checkpoint.pt"), "--device", "cpu",
+         "--json", str(tmp_path / "two.json"), "--no-progress"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("test/H-AP") == 1  # process 0 prints, once
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert one.keys() == two.keys()
+    for k in one:  # each process embeds half of the set: the same embeddings up to float rounding
+        assert two[k] == pytest.approx(one[k], abs=1e-6), k
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):

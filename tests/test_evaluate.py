@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -17,9 +15,9 @@ from hypothesis import strategies as st
 
 from hapkit.evaluate import RetrievalResults, evaluate, extract_embeddings, metric_names
 from hapkit.hierarchy import LabelError, relevance as make_relevance, shared_levels
-from test_metrics import assert_close, bf_metrics
+from reference_values import load_reference
+from test_metrics import assert_close, bf_binary_asi, bf_metrics
 
-REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
 KS = (1, 2, 4)
 
 
@@ -70,10 +68,7 @@ def _reference_name(key: str) -> str:
 
 
 def test_reproduces_reference_metrics_same_set():
-    path = REFERENCE / "metrics_same_set.json"
-    if not path.exists():
-        pytest.skip(f"reference values not found ({path.name} beside the repository's shared/ folder)")
-    ref = json.loads(path.read_text())
+    ref = load_reference("metrics_same_set.json")
     emb = torch.tensor(ref["embeddings"], dtype=torch.float32)
     labels = torch.tensor(ref["labels"])
     res = evaluate(emb, labels, progress=False)
@@ -112,6 +107,76 @@ def test_query_gallery_with_distractors_matches_brute_force():
     )
     assert_close(res.summary, want)
     assert res.settings["protocol"] == "query/gallery" and res.settings["num_distractors"] == 10
+
+
+def test_binary_asi_per_column_is_asked_for_and_matches_the_loop_reference():
+    emb, labels = clustered(n=48, seed=7)
+    plain = evaluate(emb, labels, ks=KS, progress=False)
+    assert not any(n.startswith("ASI@") for n in plain.summary)  # not a default metric
+    res = evaluate(emb, labels, metrics=["AP", "ASI@"], progress=False)
+    assert list(res.summary) == ["AP@0", "ASI@0", "AP@1", "ASI@1", "AP@2", "ASI@2"]
+    S = (emb @ emb.T).double()
+    for c in range(3):
+        same = labels[:, c, None] == labels[None, :, c]
+        want = [bf_binary_asi(S[q].tolist(), same[q].tolist(), exclude=q) for q in range(len(labels))]
+        assert np.allclose(res.per_query[f"ASI@{c}"].to_numpy(), want, atol=1e-12)
+    # one level: binary ASI is the ASI of the one-level hierarchy
+    one = evaluate(emb, labels[:, 2], metrics=["ASI", "ASI@"], progress=False)
+    assert one.summary["ASI@0"] == pytest.approx(one.summary["ASI"], abs=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:.*no positive")
+def test_a_gallery_holding_the_queries_leaves_each_querys_own_copy_out():
+    """DyML: the gallery contains the query images; each query's own copy leaves its ranking."""
+    emb, labels = clustered(n=60, seed=8)
+    queries = torch.arange(0, 60, 4)
+    exclude = queries.clone()
+    exclude[3] = -1  # this query keeps its copy
+    res = evaluate(emb[queries], labels[queries], gallery_embeddings=emb, gallery_labels=labels,
+                   gallery_exclude=exclude, ks=KS, metrics=["AP", "R@k", "ASI@", "H-AP", "NDCG"], progress=False)
+    S = (emb[queries] @ emb.T).double()
+    V = shared_levels(labels[queries], labels)
+    for i in range(len(queries)):
+        ex = int(exclude[i]) if exclude[i] >= 0 else None
+        Vx = V[i].clone()
+        if ex is not None:
+            Vx[ex] = 0  # left out: counted nowhere
+        rel = make_relevance(Vx[None], 3, count_query=False)[0]
+        want = bf_metrics(S[i].tolist(), Vx.tolist(), 3, rel.tolist(), ks=KS, exclude=ex)
+        for name in res.per_query.columns:
+            if name.startswith("ASI@"):
+                c = int(name[4:])
+                w = bf_binary_asi(S[i].tolist(), (Vx >= 3 - c).tolist(), exclude=ex)
+            else:
+                w = want[name]
+            got = res.per_query.loc[i, name]
+            assert (math.isnan(w) and math.isnan(got)) or got == pytest.approx(w, abs=1e-9), (i, name)
+    assert res.per_query.loc[3, "R@1@0"] == 1.0 and res.settings["gallery_exclude"] == len(queries) - 1
+    # the top-k paths (torch and faiss) leave the same items out
+    top_names = [n for n in res.summary if n.startswith("R@")]
+    for use_faiss in (False, True) if _has_faiss() else (False,):
+        top = evaluate(emb[queries], labels[queries], gallery_embeddings=emb, gallery_labels=labels,
+                       gallery_exclude=exclude, ks=KS, metrics=["R@k"], use_faiss=use_faiss, progress=False)
+        assert top.per_query.equals(res.per_query[top_names]), use_faiss
+
+
+def test_gallery_exclude_errors():
+    emb, labels = clustered(n=12, levels=2)
+    with pytest.raises(ValueError, match="same-set protocol"):
+        evaluate(emb, labels, gallery_exclude=torch.arange(12), progress=False)
+    kw = dict(gallery_embeddings=emb, gallery_labels=labels, progress=False)
+    with pytest.raises(ValueError, match=r"\(4,\) integers"):
+        evaluate(emb[:4], labels[:4], gallery_exclude=torch.arange(3), **kw)
+    with pytest.raises(ValueError, match=r"outside \[-1, 12\)"):
+        evaluate(emb[:4], labels[:4], gallery_exclude=torch.tensor([0, 1, 2, 12]), **kw)
+
+
+def _has_faiss() -> bool:
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def test_map_relevance_and_alpha_match_brute_force():
@@ -316,3 +381,24 @@ def test_neighbourhood_metrics_of_a_perfectly_nested_space():
     m = neighbourhood_metrics(x, labels, k=7)  # 3 same-class + 4 sibling-class neighbours
     assert m["kNN@7@0"] == pytest.approx(3 / 7) and m["kNN@7@1"] == pytest.approx(1.0)
     assert m["top1 wrong#0"] == 0.0 and m["top1 wrong#1"] == 0.0
+
+
+def test_the_benchmarks_full_sort_baseline_computes_the_same_metrics():
+    """bench_evaluate.py times evaluate against a full sort of every gallery: same numbers."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import bench_evaluate
+    finally:
+        sys.path.pop(0)
+    emb, labels = bench_evaluate.clustered_embeddings(1000, dim=16)  # 100 fine classes in 80 middle ones
+    baseline = bench_evaluate.straightforward_evaluate(emb, labels, chunk_size=64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = evaluate(emb, labels, progress=False).summary
+    assert baseline.keys() <= ours.keys()
+    for name, value in baseline.items():
+        # float32 dot products computed in other blocks may round differently: a near tie may swap
+        assert ours[name] == pytest.approx(value, abs=1e-6, nan_ok=True), name

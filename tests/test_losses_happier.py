@@ -1,25 +1,12 @@
 """HAPLoss, ClusterLoss and HAPPIER: authors' reference values, a dense form, bounds, training."""
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from hapkit.losses import HAPPIER, ClusterLoss, HAPLoss
 from hapkit.metrics import h_average_precision
-
-REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
-
-
-def load_reference(name):
-    path = REFERENCE / name
-    if not path.exists():
-        pytest.skip(f"reference values {name} are not available beside this checkout ({path.parent})")
-    data = json.loads(path.read_text())
-    emb = torch.tensor(data["embeddings"], dtype=torch.float32)
-    return data, emb, torch.tensor(data["labels"])
+from reference_values import reference_batch
 
 
 def tree_labels(B, branching=(3, 2), seed=0):
@@ -84,7 +71,7 @@ def check_against_dense(loss, emb, labels, ref=None, **dense_kwargs):
     if ref is None:
         value = loss(x, labels)
     else:
-        value = loss(x, labels, ref[0].float(), ref[1])
+        value = loss(x, labels, ref_emb=ref[0].float(), ref_labels=ref[1])
     (grad,) = torch.autograd.grad(value, x)
     xr = emb.clone().requires_grad_(True)
     if ref is None:
@@ -100,7 +87,7 @@ def check_against_dense(loss, emb, labels, ref=None, **dense_kwargs):
 
 
 def test_reproduces_authors_reference_value_and_gradient():
-    data, emb, labels = load_reference("happier_loss_batch.json")
+    data, emb, labels = reference_batch("happier_loss_batch.json")
     x = emb.clone().requires_grad_(True)
     value = HAPLoss()(x, labels)  # SOP config: the defaults
     value.backward()
@@ -110,7 +97,7 @@ def test_reproduces_authors_reference_value_and_gradient():
 
 def test_dense_form_reproduces_reference_too():
     # the dense form used below is itself pinned to the authors' numbers
-    data, emb, labels = load_reference("happier_loss_batch.json")
+    data, emb, labels = reference_batch("happier_loss_batch.json")
     assert float(dense_hap_loss(emb.double(), labels)) == pytest.approx(data["loss"], abs=1e-6)
 
 

@@ -84,7 +84,7 @@ def test_reference_set_and_level():
     labels = torch.stack([fine, fine % 2], dim=1)
     ref_labels = torch.stack([ref_fine, ref_fine % 2], dim=1)
     e, r = F.normalize(raw, dim=1), F.normalize(ref_raw, dim=1)
-    got = ListwiseAP(column=1)(e.float(), labels, r.float(), ref_labels)
+    got = ListwiseAP(column=1)(e.float(), labels, ref_emb=r.float(), ref_labels=ref_labels)
     expected = listwise_reference(e, fine % 2, ref_emb=r, ref_labels=ref_fine % 2)
     assert got.item() == pytest.approx(expected.item(), abs=1e-5)
 
@@ -114,7 +114,7 @@ def test_exact_when_similarities_sit_on_bin_centres():
     query = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
     ref_labels = torch.tensor([1, 0, 1, 0, 0, 1, 0, 1])
     loss = ListwiseAP(num_bins=21, sim_range=(-1, 1))(
-        query.float(), torch.tensor([1]), ref.float(), ref_labels
+        query.float(), torch.tensor([1]), ref_emb=ref.float(), ref_labels=ref_labels
     )
     expected = average_precision(sims[None], ref_labels[None] == 1).item()
     assert expected == pytest.approx((1 + 2 / 3 + 3 / 6 + 4 / 8) / 4)

@@ -1,24 +1,12 @@
 """SupAP, CalibrationLoss and ROADMAP: authors' reference values, dense forms, bounds, training."""
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from hapkit.losses import ROADMAP, CalibrationLoss, SupAP
 from hapkit.metrics import average_precision
-
-REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
-
-
-def load_reference(name):
-    path = REFERENCE / name
-    if not path.exists():
-        pytest.skip(f"reference values {name} are not available beside this checkout ({path.parent})")
-    data = json.loads(path.read_text())
-    return data, torch.tensor(data["embeddings"], dtype=torch.float32), torch.tensor(data["labels"])
+from reference_values import reference_batch
 
 
 def unit(B, D, seed, dtype=torch.float64):
@@ -73,7 +61,8 @@ def dense_calibration(emb, labels, column=0, pos_margin=0.9, neg_margin=0.6):
 
 def check(loss, dense, emb, labels, *ref, **dense_kwargs):
     x = emb.float().clone().requires_grad_(True)
-    value = loss(x, labels, *[r.float() if r.is_floating_point() else r for r in ref])
+    ref_emb, ref_labels = (ref[0].float(), ref[1]) if ref else (None, None)
+    value = loss(x, labels, ref_emb=ref_emb, ref_labels=ref_labels)
     (grad,) = torch.autograd.grad(value, x)
     xr = emb.clone().requires_grad_(True)
     expected = dense(xr, labels, *ref, **dense_kwargs)
@@ -86,7 +75,7 @@ def check(loss, dense, emb, labels, *ref, **dense_kwargs):
 
 
 def test_reproduces_authors_reference_value_and_gradient():
-    data, emb, labels = load_reference("supap_loss_batch.json")
+    data, emb, labels = reference_batch("supap_loss_batch.json")
     x = emb.clone().requires_grad_(True)
     value = SupAP()(x, labels)
     value.backward()
@@ -158,7 +147,7 @@ def test_calibration_with_the_batch_as_reference_set_equals_same_batch():
     # the pair of an item with itself has s = 1 > 0.9: a zero term, outside the non-zero means
     emb, labels = unit(20, 6, 7).float(), two_level_labels(20, 7)
     loss = CalibrationLoss()
-    assert loss(emb, labels, emb, labels).item() == pytest.approx(loss(emb, labels).item(), abs=1e-6)
+    assert loss(emb, labels, ref_emb=emb, ref_labels=labels).item() == pytest.approx(loss(emb, labels).item(), abs=1e-6)
 
 
 def test_roadmap_is_weighted_sum():

@@ -75,7 +75,7 @@ def test_reference_set_and_temperature():
     ref, ref_labels = batch(B=10, seed=2)
     ref_labels = ref_labels % 3
     x = emb.float().requires_grad_(True)
-    value = SmoothAP(tau=0.05)(x, labels, ref.float(), ref_labels)
+    value = SmoothAP(tau=0.05)(x, labels, ref_emb=ref.float(), ref_labels=ref_labels)
     xr = emb.clone().requires_grad_(True)
     expected = smooth_ap_reference(xr, labels, ref, ref_labels, tau=0.05)
     assert float(value.detach()) == pytest.approx(float(expected.detach()), abs=1e-5)

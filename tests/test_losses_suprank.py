@@ -139,7 +139,7 @@ def test_recall_options_level_reference_set_paper_branch():
     ref_raw, ref_labels = two_level(B=12, seed=2)
     kw = dict(ks=(1, 3), temp=0.5, delta=0.1, offset=1.2, paper_branch=True)
     e, r = F.normalize(raw, dim=1), F.normalize(ref_raw, dim=1)
-    got = SupRecall(column=1, **kw)(e.float(), labels, r.float(), ref_labels)
+    got = SupRecall(column=1, **kw)(e.float(), labels, ref_emb=r.float(), ref_labels=ref_labels)
     step = {k: kw[k] for k in ("delta", "offset", "paper_branch")}
     expected = recall_reference(e, labels[:, 1], ks=(1, 3), temp=0.5, ref_emb=r,
                                 ref_labels=ref_labels[:, 1], **step)

@@ -87,6 +87,16 @@ def bf_metrics(scores, V, L, rel=None, ks=(1, 2, 4), exclude=None) -> dict[str, 
     return out
 
 
+def bf_binary_asi(scores, positive, exclude=None) -> float:
+    """Binary ASI of one query from its definition: (1/|P|) sum_{n=1..|P|} #(positives in top n) / n."""
+    order = bf_ranking(list(scores), exclude)
+    pos = [bool(positive[j]) for j in order]
+    P = sum(pos)
+    if P == 0:
+        return NAN
+    return sum(sum(pos[:n]) / n for n in range(1, P + 1)) / P
+
+
 def assert_close(got: dict, want: dict, tol: float = 1e-9, context=""):
     for name, w in want.items():
         g = got[name]
@@ -122,12 +132,21 @@ def random_case(rng: random.Random, dtype=torch.float64):
     return S, V, L
 
 
+@pytest.fixture(params=["radix", "histogram"])
+def ranking_path(request, monkeypatch):
+    """Both ways of ranking on a CPU: the radix sort of 16-bit bins (the default) and the
+    histogram of bins (the GPU path, and the radix path's fallback on heavy ties)."""
+    if request.param == "histogram":
+        monkeypatch.setattr(M, "_radix_entries", lambda *args: None)
+    return request.param
+
+
 # ----------------------------------------------------------------------------------------------
 # Against the brute force
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_every_metric_matches_brute_force_with_ties(dtype):
+def test_every_metric_matches_brute_force_with_ties(dtype, ranking_path):
     rng = random.Random(0)
     for case in range(60):
         S, V, L = random_case(rng, dtype)
@@ -196,7 +215,7 @@ def test_general_relevance_h_ap_matches_brute_force():
             assert float(got[q]) == pytest.approx(want, abs=1e-12, nan_ok=True)
 
 
-def test_large_row_with_crowded_bins():
+def test_large_row_with_crowded_bins(ranking_path):
     """Thousands of items, many sharing score bins and exact ties: the bucketing stays exact."""
     g = torch.Generator().manual_seed(0)
     G = 3000
@@ -214,7 +233,7 @@ def test_large_row_with_crowded_bins():
         assert rr.shared[q, :n].tolist() == [int(V[q, j]) for _, j in want]
 
 
-def test_extreme_and_signed_zero_scores():
+def test_extreme_and_signed_zero_scores(ranking_path):
     S = torch.tensor([[3e38, -3e38, 0.0, -0.0, 1e38, 3e38, 1e-40, -1e-40]], dtype=torch.float32)
     V = torch.tensor([[1, 1, 2, 1, 0, 2, 1, 1]])
     rr = M.rank_relevant(S, V)
@@ -222,6 +241,46 @@ def test_extreme_and_signed_zero_scores():
     want = [(r + 1, j) for r, j in enumerate(order) if V[0, j] > 0]
     assert rr.rank[0].tolist() == [r for r, _ in want]
     assert rr.item[0].tolist() == [j for _, j in want]
+
+
+def test_the_radix_path_settles_crowded_bins_and_hands_heavy_ties_over(monkeypatch):
+    g = torch.Generator().manual_seed(1)
+    G = 4000
+    spread = torch.randn(2, G, generator=g, dtype=torch.float64)
+    spread[0, 7] = 60.0  # one far outlier: the others share few bins, long runs to settle
+    V = torch.randint(0, 3, (2, G), generator=g)
+    calls = []
+    radix = M._radix_entries
+    monkeypatch.setattr(M, "_radix_entries", lambda *a: calls.append(radix(*a)) or calls[-1])
+    for S, handed_over in ((spread, False), ((spread * 2).round() / 2, True)):  # ~20 distinct values
+        calls.clear()
+        rr = M.rank_relevant(S, V, exclude=torch.tensor([3, -1]))
+        assert (calls[0] is None) is handed_over
+        for q, ex in enumerate([3, None]):
+            order = bf_ranking(S[q].tolist(), ex)
+            want = [(r + 1, j) for r, j in enumerate(order) if V[q, j] > 0]
+            n = int(rr.count[q])
+            assert rr.rank[q, :n].tolist() == [r for r, _ in want]
+            assert rr.item[q, :n].tolist() == [j for _, j in want]
+
+
+def test_rank_by_labels_equals_rank_relevant_with_the_shared_levels():
+    rng = random.Random(7)
+    for trial in range(10):
+        Q, G = rng.randint(1, 6), rng.randint(1, 50)
+        fine_q = torch.tensor([rng.randrange(8) for _ in range(Q)])
+        fine_g = torch.tensor([rng.randrange(8) for _ in range(G)])
+        q_lab = torch.stack([fine_q, fine_q // 2, fine_q // 4], 1)
+        g_lab = torch.stack([fine_g, fine_g // 2, fine_g // 4], 1)
+        if trial % 2:
+            g_lab[: G // 3] = -1  # distractors
+        S = torch.tensor([[rng.randrange(5) / 4 for _ in range(G)] for _ in range(Q)])
+        ex = torch.tensor([rng.randint(-1, G - 1) for _ in range(Q)])
+        a = M.rank_by_labels(S, q_lab, g_lab, exclude=ex)
+        V = (q_lab[:, None, :] == g_lab[None, :, :]).sum(-1)
+        b = M.rank_relevant(S, V, exclude=ex, num_levels=3)
+        for name in ("shared", "rank", "item", "count", "gallery_size"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
 
 
 # ----------------------------------------------------------------------------------------------
@@ -317,6 +376,23 @@ def test_ndcg_asi_and_exclusive_ap_by_hand():
     assert m["AP#2"] == pytest.approx((1 / 2 + 2 / 4) / 2)
 
 
+def test_binary_asi_by_hand_and_against_the_loop_reference():
+    # positives at ranks 2, 3 and 6 of 7: |P| = 3, hits in the top 1..3 = 0, 1, 2
+    scores = torch.tensor([[7.0, 6, 5, 4, 3, 2, 1]])
+    positive = torch.tensor([[0, 1, 1, 0, 0, 1, 0]], dtype=torch.bool)
+    assert M.binary_asi(scores, positive)[0].item() == pytest.approx((0 / 1 + 1 / 2 + 2 / 3) / 3)
+    assert math.isnan(M.binary_asi(scores, torch.zeros_like(positive))[0].item())
+    rng = random.Random(0)
+    for trial in range(30):
+        G = rng.randint(1, 40)
+        S = torch.tensor([[rng.choice([0.1, 0.5, 0.9]) if trial % 2 else rng.random() for _ in range(G)] for _ in range(4)])
+        P = torch.rand(4, G, generator=torch.Generator().manual_seed(trial)) < 0.3
+        got = M.binary_asi(S, P)
+        for q in range(4):
+            want = bf_binary_asi(S[q].tolist(), P[q].tolist())
+            assert (math.isnan(want) and math.isnan(got[q].item())) or got[q].item() == pytest.approx(want, abs=1e-12)
+
+
 # ----------------------------------------------------------------------------------------------
 # Properties
 
@@ -380,6 +456,7 @@ def test_scaling_graded_relevance_leaves_h_ap_unchanged(seed, scale):
 @settings(max_examples=30, deadline=None)
 @given(st.integers(0, 10_000))
 def test_exclude_is_removing_the_item(seed):
+    # (the radix path; test_every_metric_matches_brute_force_with_ties covers both with exclude)
     rng = random.Random(seed)
     S, V, L = random_case(rng)
     G = S.shape[1]

@@ -26,6 +26,12 @@ def pyproject():
         return tomllib.load(f)["project"]
 
 
+def every_requirement() -> list[str]:
+    """The core dependencies and every extra's."""
+    project = pyproject()
+    return list(project["dependencies"]) + [r for reqs in project["optional-dependencies"].values() for r in reqs]
+
+
 def conda_env(path):
     env = yaml.safe_load(path.read_text())
     conda, pip = set(), []
@@ -53,16 +59,42 @@ def covered(name, conda, torch_variant):
         ("environment.yml", "pytorch-gpu", "faiss-gpu", "-e ."),
     ],
 )
-def test_conda_environments_cover_every_runtime_dependency(path, torch_variant, faiss, editable):
+def test_conda_environments_cover_every_dependency_and_extra(path, torch_variant, faiss, editable):
     env, conda, pip = conda_env(ROOT / path)
     assert "conda-forge" in env["channels"]
     missing = [
-        requirement_name(r) for r in pyproject()["dependencies"]
+        requirement_name(r) for r in every_requirement()
         if not covered(requirement_name(r), conda, torch_variant)
     ]
     assert not missing, f"{path} lacks {missing}"
     assert faiss in conda
     assert editable in pip, f"{path} must install hapkit itself with `{editable}` in its pip list"
+
+
+# What only the notebooks need; the library must import without them.
+NOTEBOOK_ONLY = ("plotly", "ipywidgets", "umap", "papermill")
+
+
+def test_the_core_install_is_the_library_and_the_extras_hold_the_rest():
+    project = pyproject()
+    core = {requirement_name(r) for r in project["dependencies"]}
+    extras = {name: {requirement_name(r) for r in reqs} for name, reqs in project["optional-dependencies"].items()}
+    assert {"torch", "torchmetrics", "pytorch-metric-learning", "pandas", "tqdm", "pyyaml"} <= core
+    assert not core & {"jupyterlab", "ipywidgets", "anywidget", "plotly", "umap-learn", "papermill", "nbval", "ipykernel"}
+    assert {"jupyterlab", "plotly", "umap-learn", "papermill", "nbval"} <= extras["notebooks"]
+    assert extras["faiss"] == {"faiss-cpu"} and extras["timm"] == {"timm"}
+    makefile = (ROOT / "Makefile").read_text()
+    assert f'-e ".[{",".join(sorted(extras, key=["notebooks", "faiss", "timm", "test"].index))}]"' in makefile
+
+
+def test_the_library_imports_none_of_the_notebook_extras():
+    modules = "hapkit, hapkit.metrics, hapkit.evaluate, hapkit.losses, hapkit.data, hapkit.training.engine"
+    code = (
+        f"import sys; import {modules}; import hapkit.losses.happier, hapkit.losses.proxies; "
+        f"print(sorted(m for m in {NOTEBOOK_ONLY!r} if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "[]", f"importing the library loads {out.stdout.strip()}"
 
 
 def test_binder_is_cpu_only():
@@ -98,3 +130,12 @@ def test_nbstripout_verify():
     notebooks = [str(p) for p in sorted((ROOT / "notebooks").glob("*.ipynb"))]
     result = subprocess.run([exe, "--verify", *notebooks], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_missing_extra_is_named_with_its_install_command():
+    from hapkit._lazy import require_extra
+
+    require_extra("notebooks", "json", what="a figure")  # installed: nothing happens
+    with pytest.raises(ImportError, match=r"pip install 'hapkit\[notebooks\]'") as info:
+        require_extra("notebooks", "json", "no_such_module_xyz", what="a figure")
+    assert "a figure needs no_such_module_xyz, which" in str(info.value)  # only the missing one

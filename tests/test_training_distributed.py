@@ -72,23 +72,30 @@ def worker(rank, world, port, out_dir, recipe, extra=()):
         result = trainer.fit()
         if rank == 0:
             torch.save({"loss": all_reduce_mean(loss), "grads": grads, "model": trainer.model.state_dict(),
-                        "steps": result.global_step, "history": result.history},
+                        "steps": result.global_step, "history": result.history,
+                        "memory": trainer.memory and trainer.memory.state_dict()},
                        Path(out_dir) / "ddp.pt")
         else:
             all_reduce_mean(loss)
+        if trainer.memory is not None:  # every process holds the same memory
+            contents = trainer.memory.state_dict()["embedding_memory"]
+            same = all_reduce_mean(contents)
+            assert torch.equal(same, contents)
     finally:
         shutdown_distributed()
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_process_on_the_global_batch(tmp_path, recipe="happier_generated"):
-    # HAPPIER: a rank loss over the gathered batch plus a clustering loss with its own parameters
-    mp.spawn(worker, args=(2, free_port(), str(tmp_path), recipe), nprocs=2, join=True)
+@pytest.mark.parametrize("extra", [(), ("train.memory.size=32",)], ids=["batch", "with-memory"])
+def test_two_processes_match_one_process_on_the_global_batch(tmp_path, extra, recipe="happier_generated"):
+    # HAPPIER: a rank loss over the gathered batch plus a clustering loss with its own parameters;
+    # with a memory, each process enqueues the gathered batch and ranks its queries against it
+    mp.spawn(worker, args=(2, free_port(), str(tmp_path), recipe, extra), nprocs=2, join=True)
     ddp = torch.load(tmp_path / "ddp.pt", weights_only=False)
 
     for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         assert key not in os.environ
-    cfg = load_recipe(recipe, overrides=OVERRIDES)
+    cfg = load_recipe(recipe, overrides=OVERRIDES + list(extra))
     single = Trainer(cfg, out_dir=tmp_path / "single", train_set=TinySet(), eval_sets=eval_sets(),
                      progress=False, stop_after_steps=STEPS)
     images, labels = fixed_batch()
@@ -105,6 +112,10 @@ def test_two_processes_match_one_process_on_the_global_batch(tmp_path, recipe="h
     assert ddp["steps"] == result.global_step == STEPS
     for k, v in single.model.state_dict().items():
         torch.testing.assert_close(ddp["model"][k], v, rtol=1e-4, atol=1e-5, msg=k)
+    if single.memory is not None:
+        want = single.memory.state_dict()
+        assert torch.equal(ddp["memory"]["label_memory"], want["label_memory"])
+        torch.testing.assert_close(ddp["memory"]["embedding_memory"], want["embedding_memory"], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.slow
@@ -126,3 +137,37 @@ def test_gather_is_the_identity_without_a_process_group():
 
     x = torch.randn(4, 3, requires_grad=True)
     assert gather_with_grad(x) is x and all_gather_nograd(x) is x and all_reduce_mean(x) is x
+
+
+def eval_worker(rank, world, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world),
+                      RANK=str(rank), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from hapkit.training.distributed import shutdown_distributed
+
+    try:
+        cfg = load_recipe("happier_generated", overrides=OVERRIDES)
+        trainer = Trainer(cfg, out_dir=Path(out_dir) / "run", train_set=TinySet(), eval_sets=two_eval_sets(),
+                          progress=False)
+        torch.save(trainer.evaluate(), Path(out_dir) / f"eval{rank}.pt")
+    finally:
+        shutdown_distributed()
+
+
+def two_eval_sets():
+    from hapkit.data import EvalSet
+
+    return [EvalSet("same", TinySet(seed=1, noise=0.0, per_class=5)),
+            EvalSet("qg", TinySet(seed=2, noise=0.0, per_class=3), TinySet(seed=3, noise=0.0, per_class=7))]
+
+
+@pytest.mark.slow
+def test_every_process_embeds_its_share_and_all_get_the_single_process_metrics(tmp_path):
+    mp.spawn(eval_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    got = [torch.load(tmp_path / f"eval{r}.pt", weights_only=False) for r in range(2)]
+    single = Trainer(load_recipe("happier_generated", overrides=OVERRIDES), out_dir=tmp_path / "single",
+                     train_set=TinySet(), eval_sets=two_eval_sets(), progress=False).evaluate()
+    assert got[0] == got[1]  # the same on every process
+    assert got[0].keys() == single.keys() and "overall/H-AP" in single
+    for k, v in single.items():  # shards embedded apart: the same embeddings up to float rounding
+        assert got[0][k] == pytest.approx(v, abs=1e-6), k

@@ -1,9 +1,12 @@
-"""Ranking and hierarchical losses, with pytorch-metric-learning's call shape.
+"""Ranking and hierarchical losses: pytorch-metric-learning losses for (B, L) labels.
 
-Every loss is called as ``loss(embeddings, labels, ref_emb=None, ref_labels=None)`` with labels of
-shape (B, L), finest level first, and returns a scalar tensor. Every loss derives from
-:class:`~hapkit.losses.base.HapkitLoss`, which declares what a training loop needs to know about
-it. Submodules are imported on first use so that ``import hapkit.losses`` stays cheap.
+Every loss derives from :class:`~hapkit.losses.base.HapkitLoss`, a subclass of PML's
+``BaseMetricLossFunction``: it is called as ``loss(embeddings, labels, indices_tuple=None,
+ref_emb=None, ref_labels=None)`` (PML's order; ``indices_tuple`` is accepted and ignored) with
+labels of shape (B, L), finest level first, returns a scalar tensor, and works inside PML's
+``DistributedLossWrapper`` (:class:`DistributedLossWrapper` adds its ``efficient=True`` mode for
+(B, L) labels). :class:`CrossBatchMemory` is PML's memory bank for hapkit's rank losses and (B, L)
+labels. Submodules are imported on first use so that ``import hapkit.losses`` stays cheap.
 """
 
 from hapkit._lazy import lazy_exports
@@ -26,6 +29,8 @@ _WHERE = {
     "SupNDCG": "suprank",
     "HierarchicalProxyLoss": "proxies",
     "CSLLoss": "proxies",
+    "CrossBatchMemory": "memory",
+    "DistributedLossWrapper": "distributed",
 }
 
 __all__ = sorted(_WHERE)

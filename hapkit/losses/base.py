@@ -2,6 +2,12 @@
 of each small rule (the label-column check, the "no positive" check, the reduction over queries,
 the memory budget of chunked computations).
 
+Every hapkit loss is a pytorch-metric-learning loss (:class:`HapkitLoss` derives from PML's
+``BaseMetricLossFunction``): it is called as ``loss(embeddings, labels, indices_tuple=None,
+ref_emb=None, ref_labels=None)``, positionally as PML's wrappers do, and passes PML's
+``isinstance`` checks (``DistributedLossWrapper``; :class:`hapkit.losses.CrossBatchMemory` for
+memory banks). Labels stay (B, L), finest level first, where PML's own losses take (B,).
+
 Two indices of the hierarchy are named apart throughout :mod:`hapkit.losses`: a label column
 ``column`` (c: 0 = finest, the positives of a binary loss share the query's label there) and a
 number of shared levels ``shared`` (v: 0 = unrelated, L = same fine class, see
@@ -16,13 +22,15 @@ from typing import Callable, ClassVar, Iterator
 
 import numpy as np
 import torch
-from torch import nn
+from pytorch_metric_learning.distances import DotProductSimilarity
+from pytorch_metric_learning.losses import BaseMetricLossFunction
 from torch.utils.checkpoint import checkpoint
 
 from hapkit.hierarchy import as_label_tensor
 
 __all__ = [
     "HapkitLoss",
+    "check_indices_tuple",
     "LossInputs",
     "prepare_inputs",
     "NoPositiveError",
@@ -41,15 +49,45 @@ class NoPositiveError(ValueError):
     """A batch in which no query has a positive: the sampler must put several images per class."""
 
 
-class HapkitLoss(nn.Module):
-    """Base class of hapkit's losses: what a training loop needs to know, declared by the loss.
+def check_indices_tuple(indices_tuple, loss_name: str) -> None:
+    """Accept PML's ``indices_tuple`` (None, or 3 / 4 tensors of indices) and nothing else.
+
+    hapkit's losses rank every (query, reference) pair themselves, so they ignore a mined tuple;
+    what is refused is anything else in that position, such as a reference set passed
+    positionally in the order ``(embeddings, labels, ref_emb, ref_labels)``.
+    """
+    if indices_tuple is None:
+        return
+    ok = isinstance(indices_tuple, (tuple, list)) and len(indices_tuple) in (3, 4) and all(
+        isinstance(t, torch.Tensor) and t.dim() == 1 and not t.dtype.is_floating_point for t in indices_tuple
+    )
+    if not ok:
+        raise ValueError(
+            f"{loss_name}: indices_tuple must be None or pytorch-metric-learning's tuple of 3 or 4 "
+            f"index tensors, got {type(indices_tuple).__name__}. The call is loss(embeddings, "
+            f"labels, indices_tuple=None, ref_emb=None, ref_labels=None): pass a reference set as "
+            f"ref_emb=... and ref_labels=..."
+        )
+
+
+class HapkitLoss(BaseMetricLossFunction):
+    """Base class of hapkit's losses: a pytorch-metric-learning loss that declares what a
+    training loop needs to know about it.
+
+    Call: ``loss(embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None)``, PML's
+    positional order. ``labels`` are (B, L) (or (B,) for one level), finest level first.
+    ``indices_tuple`` (PML's mined pairs or triplets) is accepted and ignored: rank losses rank
+    every pair of the batch (or of ``ref_emb``), proxy losses compare with their proxies.
+    Subclasses implement :meth:`batch_loss`; :meth:`forward` hands its value to PML's reducer
+    and embedding regularizer, which leave an already reduced loss unchanged.
 
     Class attributes (read by :mod:`hapkit.training.engine`, never guessed from class names):
 
     - ``takes_reference_set``: the loss ranks queries against a reference set passed as
       ``ref_emb`` / ``ref_labels`` (rank losses); with several processes the engine gives it the
-      gathered global batch. False for losses against learned proxies or class weights, which
-      see the local batch (their mean over samples makes DDP's gradient averaging exact).
+      gathered global batch, and a memory bank (:class:`hapkit.losses.CrossBatchMemory`) gives it
+      the memory. False for losses against learned proxies or class weights, which see the local
+      batch (their mean over samples makes DDP's gradient averaging exact).
     - ``has_parameters``: the loss has learnable parameters of its own (proxies, class weights),
       trained by the optimiser of ``parameter_group``, the recipe's ``optim.<group>`` section.
 
@@ -60,6 +98,30 @@ class HapkitLoss(nn.Module):
     takes_reference_set: ClassVar[bool] = True
     has_parameters: ClassVar[bool] = False
     parameter_group: ClassVar[str] = "loss"
+
+    def get_default_distance(self):
+        # What every hapkit loss computes: dot products of L2-normalised embeddings.
+        return DotProductSimilarity(normalize_embeddings=False)
+
+    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+        """The loss of ``embeddings`` (queries) against ``ref_emb`` (default: the batch itself)."""
+        name = type(self).__name__
+        if labels is None:
+            raise ValueError(f"{name}: labels are required, a (B, L) integer tensor finest level first")
+        check_indices_tuple(indices_tuple, name)
+        self.reset_stats()
+        loss_dict = self.compute_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        self.add_embedding_regularization_to_loss_dict(loss_dict, embeddings)
+        return self.reducer(loss_dict, embeddings, labels)
+
+    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        """PML's hook: the value of :meth:`batch_loss`, already reduced."""
+        loss = self.batch_loss(embeddings, labels, ref_emb, ref_labels)
+        return {"loss": {"losses": loss, "indices": None, "reduction_type": "already_reduced"}}
+
+    def batch_loss(self, embeddings, labels, ref_emb=None, ref_labels=None) -> torch.Tensor:
+        """The scalar loss; every subclass implements it."""
+        raise NotImplementedError
 
     @classmethod
     def training_kwargs(cls, kwargs: dict, train_labels: np.ndarray, embedding_size: int, seed: int) -> dict:

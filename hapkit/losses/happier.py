@@ -86,7 +86,8 @@ class HAPLoss(HapkitLoss):
             it as its own top positive; so does the default).
         chunk_elements: pairs per chunk of the smoothed-rank computation (memory / speed knob).
 
-    Call as ``loss(embeddings, labels, ref_emb=None, ref_labels=None)`` with L2-normalised (B, D)
+    Call as ``loss(embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None)`` (PML's
+    order; ``indices_tuple`` is ignored) with L2-normalised (B, D)
     embeddings and (B, L) tree labels, finest level first. Computes in float32 under autocast.
     Raises :class:`NoPositiveError` when no query has a relevant item other than itself.
     """
@@ -132,7 +133,7 @@ class HAPLoss(HapkitLoss):
             scores = x.embeddings @ x.ref_emb.T
             return smooth_hap(scores, shared, shared_rel, self.step, self.chunk_elements)
 
-    def forward(self, embeddings, labels, ref_emb=None, ref_labels=None):
+    def batch_loss(self, embeddings, labels, ref_emb=None, ref_labels=None):
         hap, total = self.per_query(embeddings, labels, ref_emb, ref_labels)
         return reduce_queries(hap, total)
 
@@ -178,7 +179,7 @@ class ClusterLoss(HapkitLoss):
         bound = 1.0 / math.sqrt(embedding_size)
         nn.init.uniform_(self.weight, -bound, bound)
 
-    def forward(self, embeddings, labels, ref_emb=None, ref_labels=None):
+    def batch_loss(self, embeddings, labels, ref_emb=None, ref_labels=None):
         with float32_compute(embeddings.device):
             x = prepare_inputs(embeddings, labels, loss_name="ClusterLoss")
             if x.embeddings.shape[1] != self.embedding_size:
@@ -233,8 +234,8 @@ class HAPPIER(HapkitLoss):
         self.hap = HAPLoss(**hap_kwargs)
         self.cluster = ClusterLoss(num_classes, embedding_size, temperature=temperature)
 
-    def forward(self, embeddings, labels, ref_emb=None, ref_labels=None):
-        hap = self.hap(embeddings, labels, ref_emb, ref_labels)
+    def batch_loss(self, embeddings, labels, ref_emb=None, ref_labels=None):
+        hap = self.hap(embeddings, labels, ref_emb=ref_emb, ref_labels=ref_labels)
         return (1.0 - self.lambda_) * hap + self.lambda_ * self.cluster(embeddings, labels)
 
     def extra_repr(self) -> str:

@@ -68,7 +68,8 @@ class ListwiseAP(HapkitLoss):
 
     ``ListwiseAP.from_preset("revaud")`` is naver's ``APLoss`` as Revaud et al. train with it
     (the query left out of its own list); ``from_preset("suprank")`` the ROADMAP/SupRank one.
-    Call: ``loss(embeddings, labels, ref_emb=None, ref_labels=None)`` with L2-normalised
+    Call: ``loss(embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None)`` (PML's
+    order; ``indices_tuple`` is ignored) with L2-normalised
     embeddings; similarities are dot products.
     """
 
@@ -147,7 +148,7 @@ class ListwiseAP(HapkitLoss):
         precision = pos_counts.cumsum(-1) / (_EPS + counts.cumsum(-1))
         return (precision * pos_counts).sum(-1)
 
-    def forward(self, embeddings, labels, ref_emb=None, ref_labels=None):
+    def batch_loss(self, embeddings, labels, ref_emb=None, ref_labels=None):
         ap, n_pos = self.per_query(embeddings, labels, ref_emb, ref_labels)
         return reduce_queries(ap, n_pos)
 

@@ -282,7 +282,7 @@ class HierarchicalProxyLoss(HapkitLoss):
             cols.append(self.assignment(lvl).to(fine_labels.device)[cols[-1]])
         return torch.stack(cols, dim=1)
 
-    def forward(self, embeddings, labels, ref_emb=None, ref_labels=None):
+    def batch_loss(self, embeddings, labels, ref_emb=None, ref_labels=None):
         _no_reference("HierarchicalProxyLoss", ref_emb, ref_labels)
         with float32_compute(embeddings.device):
             inp = prepare_inputs(embeddings, labels, loss_name="HierarchicalProxyLoss")
@@ -387,7 +387,7 @@ class CSLLoss(HapkitLoss):
         init = torch.rand(C, embedding_size, generator=gen) * 2 * bound - bound
         self.proxies = nn.Parameter(init)
 
-    def forward(self, embeddings, labels, ref_emb=None, ref_labels=None):
+    def batch_loss(self, embeddings, labels, ref_emb=None, ref_labels=None):
         _no_reference("CSLLoss", ref_emb, ref_labels)
         with float32_compute(embeddings.device):
             inp = prepare_inputs(embeddings, labels, loss_name="CSLLoss")

@@ -84,7 +84,7 @@ class SupAP(HapkitLoss):
             binary_relevance = scores.new_tensor([[0.0, 1.0]]).expand(scores.shape[0], 2)
             return smooth_hap(scores, shared, binary_relevance, self.step, self.chunk_elements)
 
-    def forward(self, embeddings, labels, ref_emb=None, ref_labels=None):
+    def batch_loss(self, embeddings, labels, ref_emb=None, ref_labels=None):
         ap, n_pos = self.per_query(embeddings, labels, ref_emb, ref_labels)
         return reduce_queries(ap, n_pos)
 
@@ -121,7 +121,7 @@ class CalibrationLoss(HapkitLoss):
             distance=DotProductSimilarity(normalize_embeddings=False),
         )
 
-    def forward(self, embeddings, labels, ref_emb=None, ref_labels=None):
+    def batch_loss(self, embeddings, labels, ref_emb=None, ref_labels=None):
         with float32_compute(embeddings.device):
             x = prepare_inputs(embeddings, labels, ref_emb, ref_labels, "CalibrationLoss")
             check_column(self.column, x.num_levels, "CalibrationLoss")
@@ -161,11 +161,10 @@ class ROADMAP(HapkitLoss):
         self.supap = SupAP(**supap_kwargs)
         self.calibration = CalibrationLoss(pos_margin, neg_margin, column=self.supap.column)
 
-    def forward(self, embeddings, labels, ref_emb=None, ref_labels=None):
+    def batch_loss(self, embeddings, labels, ref_emb=None, ref_labels=None):
         w_ap, w_cal = self.weights
-        return w_ap * self.supap(embeddings, labels, ref_emb, ref_labels) + w_cal * self.calibration(
-            embeddings, labels, ref_emb, ref_labels
-        )
+        ref = dict(ref_emb=ref_emb, ref_labels=ref_labels)
+        return w_ap * self.supap(embeddings, labels, **ref) + w_cal * self.calibration(embeddings, labels, **ref)
 
     def extra_repr(self) -> str:
         return f"weights={self.weights}"

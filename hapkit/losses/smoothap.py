@@ -89,7 +89,8 @@ class SmoothAP(HapkitLoss):
         chunk_elements: largest (pairs x gallery) block computed at once (default 2**24 values);
             queries are grouped greedily under it. Memory is O(|P| * M) per query.
 
-    Call: ``loss(embeddings, labels, ref_emb=None, ref_labels=None)`` with L2-normalised
+    Call: ``loss(embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None)`` (PML's
+    order; ``indices_tuple`` is ignored) with L2-normalised
     embeddings (B, D) and labels (B, L) or (B,); similarities are dot products. Queries without
     any positive in their ranking (possible with ``exclude_self`` or a reference set) are left
     out of the mean; a batch in which no query has a positive raises
@@ -124,7 +125,7 @@ class SmoothAP(HapkitLoss):
             ap = run_chunked(_smooth_ap_chunk, chunks, scores, pos, ranking, tau=self.tau)
             return ap, n_pos
 
-    def forward(self, embeddings, labels, ref_emb=None, ref_labels=None):
+    def batch_loss(self, embeddings, labels, ref_emb=None, ref_labels=None):
         ap, n_pos = self.per_query(embeddings, labels, ref_emb, ref_labels)
         return reduce_queries(ap, n_pos)
 

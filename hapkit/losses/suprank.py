@@ -119,7 +119,7 @@ class SupRecall(_SupRankLoss):
                 recall = recall + hits / n_pos.clamp(max=k).clamp(min=1)
             return recall / len(self.ks), n_pos
 
-    def forward(self, embeddings, labels, ref_emb=None, ref_labels=None):
+    def batch_loss(self, embeddings, labels, ref_emb=None, ref_labels=None):
         recall, n_pos = self.per_query(embeddings, labels, ref_emb, ref_labels)
         return reduce_queries(recall, n_pos)
 
@@ -167,6 +167,6 @@ class SupNDCG(_SupRankLoss):
             ideal = (ideal_gains / torch.log2(1.0 + positions)).sum(1)
             return dcg / ideal.clamp(min=1e-12), ideal
 
-    def forward(self, embeddings, labels, ref_emb=None, ref_labels=None):
+    def batch_loss(self, embeddings, labels, ref_emb=None, ref_labels=None):
         ndcg, ideal = self.per_query(embeddings, labels, ref_emb, ref_labels)
         return reduce_queries(ndcg, ideal)

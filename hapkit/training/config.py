@@ -28,6 +28,7 @@ __all__ = [
     "LossConfig",
     "GroupConfig",
     "OptimConfig",
+    "MemoryConfig",
     "TrainConfig",
     "EvalConfig",
     "Recipe",
@@ -157,6 +158,32 @@ class OptimConfig:
 
 
 @dataclass
+class MemoryConfig:
+    """The cross-batch memory of rank losses (XBM; ROADMAP's ``memory/`` configs, SupRank's XBM).
+
+    The last ``size`` embeddings of the global batches (detached, with every label level) are kept;
+    each batch is enqueued before its loss, and from epoch ``activate_after + 1`` on the loss of the
+    batch against the memory is combined with the batch loss:
+
+    - ``combine: add`` (ROADMAP): batch loss + ``weight`` * memory loss;
+    - ``combine: average`` (SupRank): (batch loss + ``weight`` * memory loss) / (1 + ``weight``).
+
+    Official settings: ROADMAP ``memory/cub.yaml`` size 5824, ``memory/inaturalist.yaml`` size
+    60000, activate_after -1 (counted from epoch 1: active from the start, 0 here), weight 1.0, add
+    (no README command selects one); SupRank ``memory/{small,inat,full}_memory.yaml`` size 512,
+    60000 or the training set, activate 5 (active from the 5th epoch: 4 here), weight 1.0, average.
+    The memory is a ring buffer of items (ROADMAP's ``unique: True``, one slot per image path and
+    no eviction, is not reproduced). Parts of a loss that ignore a reference set (HAPPIER's
+    clustering term) see the batch only; in ``add`` they therefore count 1 + ``weight`` times.
+    """
+
+    size: int = 0  # embeddings kept; 0 = no memory
+    activate_after: int = 0  # epochs trained before the memory loss counts
+    weight: float = 1.0
+    combine: Literal["add", "average"] = "add"
+
+
+@dataclass
 class TrainConfig:
     """Training loop settings.
 
@@ -181,6 +208,7 @@ class TrainConfig:
     log_every: int = 50  # steps between host synchronisations (loss read-out, finiteness check)
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints; 0 = at the end of each epoch only
     deterministic: bool = False  # torch.use_deterministic_algorithms (slower on GPU)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)  # cross-batch memory (off by default)
 
 
 @dataclass

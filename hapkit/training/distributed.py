@@ -74,7 +74,8 @@ def init_distributed(device: str = "auto") -> DistContext:
         backend = "nccl" if dev.type == "cuda" else "gloo"
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-        # rank 0 evaluates alone while the others wait at a barrier: allow a long evaluation
+        # generous timeout: the processes wait for each other at barriers (checkpoints, the end of a
+        # long evaluation on unevenly loaded GPUs)
         dist.init_process_group(backend=backend, timeout=timedelta(hours=2))
     elif dev.type == "cuda":
         torch.cuda.set_device(dev)

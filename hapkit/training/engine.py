@@ -14,7 +14,8 @@ The loop is written for a GPU and runs the same on a CPU:
   optimisers, schedulers, gradient scaler, sampler position, random generator states;
 - several processes with ``torchrun``: DistributedDataParallel, the sampler's global batch split
   between processes and embeddings all-gathered with gradient (see :mod:`hapkit.training.distributed`),
-  so the rank losses see the global batch; evaluation and logging happen on rank 0.
+  so the rank losses see the global batch; every process embeds its share of the eval sets and
+  they rank together (``hapkit.evaluate.evaluate(distributed=True)``); logging happens on rank 0.
 
 >>> from hapkit.training.recipes import load_recipe
 >>> from hapkit.training.engine import train
@@ -60,6 +61,7 @@ from hapkit.training.distributed import (
 )
 from hapkit.training.config import network_groups
 from hapkit.training.loading import make_train_loader
+from hapkit.training.memory import TrainingMemory
 from hapkit.training.models import build_model
 from hapkit.training.optim import build_optimizers
 
@@ -252,6 +254,7 @@ def evaluate_model(
     columns=None,
     ks=(1, 4, 16),
     overall: bool = False,
+    distributed: bool = False,
 ) -> dict:
     """Embed each eval set with ``model`` and evaluate it; returns flat ``{"<set>/<metric>": value}``.
 
@@ -262,15 +265,27 @@ def evaluate_model(
     ``overall/<metric>`` mean over the sets is added; with one set and ``overall``, the mean of
     each binary metric over the evaluated columns (``overall/AP``, ``overall/R@10``, ...), as the
     official ``overall_accuracy`` hooks do.
+
+    ``distributed``: every process of the initialised process group calls this; each embeds its
+    contiguous share of every set and :func:`hapkit.evaluate.evaluate` ranks them together
+    (``distributed=True``), so every process returns the same metrics.
     """
     from hapkit.evaluate import evaluate, extract_embeddings
 
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+
+    def share(n: int) -> tuple[int, int]:
+        return n * rank // world, n * (rank + 1) // world
+
     def embed(ds):
+        ds = spread_subset(ds, max_items)
+        if world > 1:  # this process's contiguous share: the shards concatenate to the set in order
+            ds = torch.utils.data.Subset(ds, range(*share(len(ds))))
         loader = torch.utils.data.DataLoader(
-            spread_subset(ds, max_items), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+            ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
             pin_memory=torch.device(device or "cpu").type == "cuda",
         )
-        return extract_embeddings(model, loader, device=device, amp=amp, progress=progress)
+        return extract_embeddings(model, loader, device=device, amp=amp, progress=progress and rank == 0)
 
     out: dict = {}
     per_set = []
@@ -282,11 +297,14 @@ def evaluate_model(
             g_emb, g_lab = embed(es.gallery)
             own = es.gallery_exclude() if hasattr(es, "gallery_exclude") else None
             if own is not None:
-                options["gallery_exclude"] = _subset_exclusion(own, len(es.query), len(es.gallery), max_items)
+                exclude = _subset_exclusion(own, len(es.query), len(es.gallery), max_items)
+                lo, hi = share(len(exclude))  # the copies of this process's own queries
+                options["gallery_exclude"] = exclude[lo:hi]
         column = getattr(es, "label_column", None)
         res = evaluate(
             q_emb, q_lab, gallery_embeddings=g_emb, gallery_labels=g_lab, metrics=metrics,
-            columns=columns if column is None else [column], ks=ks, device=device, progress=progress, **options,
+            columns=columns if column is None else [column], ks=ks, device=device, progress=progress and rank == 0,
+            distributed=distributed, **options,
         )
         summary = {k: float(v) for k, v in res.summary.items()}
         per_set.append(summary)
@@ -403,6 +421,8 @@ class Trainer:
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.loss_fn = build_loss(cfg, self.train_labels, embedding_size=self.model.embedding_size).to(self.device)
+        self.memory = TrainingMemory.from_recipe(cfg.train.memory, self.loss_fn, self.model.embedding_size,
+                                                 self.train_labels.shape[1], cfg.data.batch_size, self.device)
 
         self.group_params = parameter_groups(cfg, self.model, self.loss_fn)
         self.optimizers, self.schedulers = build_optimizers(cfg.optim, self.group_params, cfg.train.epochs)
@@ -475,6 +495,7 @@ class Trainer:
             "history": list(self.history),
             "rng": rng,
             "world_size": self.dist.world_size,
+            "memory": None if self.memory is None else self.memory.state_dict(),
             "finished": self.epoch >= self.cfg.train.epochs,
         }
 
@@ -499,6 +520,8 @@ class Trainer:
         self._epoch_loss = state["epoch_loss"].to(self.device)
         self._epoch_steps = state["epoch_steps"]
         self.history = list(state["history"])
+        if self.memory is not None:
+            self.memory.load_state_dict(state["memory"])
         rng = state["rng"]
         if len(rng) == self.dist.world_size:
             set_rng_state(rng[self.dist.rank])
@@ -562,8 +585,13 @@ class Trainer:
         if self.dist.enabled and self.loss_fn.takes_reference_set:
             ref = gather_with_grad(emb)
             ref_labels = all_gather_nograd(labels)
-            return self.loss_fn(emb, labels, ref, ref_labels)
-        return self.loss_fn(emb, labels)
+            loss = self.loss_fn(emb, labels, ref_emb=ref, ref_labels=ref_labels)
+        else:
+            ref, ref_labels = emb, labels
+            loss = self.loss_fn(emb, labels)
+        if self.memory is not None:  # the global batch enters the memory, this process's queries rank against it
+            loss = self.memory.combine(loss, emb, labels, ref, ref_labels, self.epoch)
+        return loss
 
     def _backward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward and backward of one batch; (loss, embeddings), both detached. With
@@ -751,28 +779,28 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Evaluate the current model on the eval sets (rank 0; other ranks wait and get {})."""
-        out: dict = {}
-        if self.dist.is_main:
-            was_training = self.model.training
-            self.model.eval()
-            # evaluation must not consume the training random streams (resumed runs stay identical)
-            with torch.random.fork_rng(devices=[]):
-                out = evaluate_model(
-                    self.model,
-                    self.eval_sets,
-                    batch_size=self.cfg.data.eval_batch_size,
-                    num_workers=self.cfg.data.num_workers,
-                    device=self.device,
-                    amp=self.amp_dtype is not None,
-                    metrics=self.cfg.eval.metrics,
-                    max_items=self.cfg.eval.max_items,
-                    progress=self.progress,
-                    columns=self.cfg.eval.columns,
-                    ks=self.cfg.eval.ks,
-                    overall=self.cfg.eval.overall,
-                )
-            self.model.train(was_training)
+        """Evaluate the current model on the eval sets; with several processes each embeds its
+        share of every set and they rank together (every process gets the same metrics)."""
+        was_training = self.model.training
+        self.model.eval()
+        # evaluation must not consume the training random streams (resumed runs stay identical)
+        with torch.random.fork_rng(devices=[]):
+            out = evaluate_model(
+                self.model,
+                self.eval_sets,
+                batch_size=self.cfg.data.eval_batch_size,
+                num_workers=self.cfg.data.num_workers,
+                device=self.device,
+                amp=self.amp_dtype is not None,
+                metrics=self.cfg.eval.metrics,
+                max_items=self.cfg.eval.max_items,
+                progress=self.progress and self.dist.is_main,
+                columns=self.cfg.eval.columns,
+                ks=self.cfg.eval.ks,
+                overall=self.cfg.eval.overall,
+                distributed=self.dist.enabled,
+            )
+        self.model.train(was_training)
         barrier(self.dist)
         return out
 

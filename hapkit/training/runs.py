@@ -418,10 +418,12 @@ def write_run_metrics(output_dir, result, cfg, dataset: str | None = None, seed:
 
 
 def evaluate_checkpoint(checkpoint, device=None, data_root=None, dataset_options: Mapping | None = None,
-                        progress: bool = True) -> dict:
+                        progress: bool = True, distributed: bool = False) -> dict:
     """Evaluate a checkpoint (or run directory) as its recipe's training evaluates: its eval sets,
     metrics, label columns and k values; returns flat ``{"<set>/<metric>": value}``.
-    ``dataset_options`` go to the dataset loader."""
+    ``dataset_options`` go to the dataset loader; ``distributed``: every process of a
+    ``torchrun`` job embeds its share and they rank together (see
+    :func:`hapkit.training.engine.evaluate_model`)."""
     from hapkit.data import build_eval_sets
     from hapkit.training.engine import evaluate_model, resolve_amp
 
@@ -433,7 +435,7 @@ def evaluate_checkpoint(checkpoint, device=None, data_root=None, dataset_options
             model, build_eval_sets(cfg.data, options=dataset_options), batch_size=cfg.data.eval_batch_size, num_workers=cfg.data.num_workers,
             device=device, amp=resolve_amp(cfg.train.amp, torch.device(device or "cpu")) is not None,
             metrics=cfg.eval.metrics, max_items=cfg.eval.max_items, progress=progress,
-            columns=cfg.eval.columns, ks=cfg.eval.ks, overall=cfg.eval.overall,
+            columns=cfg.eval.columns, ks=cfg.eval.ks, overall=cfg.eval.overall, distributed=distributed,
         )
 
 

@@ -10,6 +10,10 @@ train (this wing imports nothing of :mod:`hapkit.training`).
 - :mod:`hapkit.viz.explorer` (ipywidgets) over :mod:`hapkit.viz.explorer_state` (plain data).
 """
 
+from hapkit._lazy import require_extra
+
+require_extra("notebooks", "plotly", "ipywidgets", what="hapkit.viz")
+
 from hapkit.viz.landmarks import revisited_per_query_figure, revisited_ranking_figure
 from hapkit.viz.ranking import agreement_figure, level_colors, level_label, metric_curve_figure, ranking_figure
 

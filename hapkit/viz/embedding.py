@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from hapkit._lazy import require_extra
 from hapkit.data.embeddings import EmbeddingSet, label_frame
 from hapkit.viz.images import blank_tile, image_grid
 
@@ -55,6 +56,7 @@ def umap_projection(
     if n_neighbors >= n:
         # UMAP's spectral initialisation needs n_neighbors < n
         n_neighbors = max(2, n - 1)
+    require_extra("notebooks", "umap", what="hapkit.viz.embedding")
     with warnings.catch_warnings():
         # ParametricUMAP's optional TensorFlow dependency is announced at import
         warnings.filterwarnings("ignore", message=".*Tensorflow not installed.*")

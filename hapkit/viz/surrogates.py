@@ -197,7 +197,7 @@ def ap_along_score(values: Sequence[float] | None = None, num: int = 115) -> pd.
         exact = metrics.average_precision(scores, (ref_labels == 1)[None]).item()
         rows.append({"t": t, "method": "exact AP", "value": exact, "derivative": 0.0})
         for name, loss in surrogates.items():
-            value = 1.0 - loss(query, torch.tensor([1]), ref, ref_labels)
+            value = 1.0 - loss(query, torch.tensor([1]), ref_emb=ref, ref_labels=ref_labels)
             (grad,) = torch.autograd.grad(value, tt, retain_graph=True)
             rows.append({"t": t, "method": name, "value": value.item(), "derivative": grad.item()})
     return pd.DataFrame(rows)
