@@ -187,7 +187,42 @@ def rankings_figure(rows, k: int, column: int, thumbs: _Thumbnails, tile: int = 
     return fig
 
 
-class RankingExplorer:
+class _Controls:
+    """The controls both explorers share (query slider, ◀ / ▶, query list, list order, level
+    toggle, top-k slider), wired to a state object with ``show_query``, ``step``, ``set_order``,
+    ``set_column`` and ``set_top_k``; subclasses build the widgets and define ``_redraw``."""
+
+    def _connect(self, state) -> None:
+        self._syncing = False
+        self.query_slider.observe(lambda ch: self._act(state.show_query, ch["new"]), names="value")
+        self.query_list.observe(lambda ch: ch["new"] is not None and self._act(state.show_query, ch["new"]), names="value")
+        self.order_dropdown.observe(lambda ch: self._act(state.set_order, ch["new"]), names="value")
+        self.column_toggle.observe(lambda ch: self._act(state.set_column, ch["new"]), names="value")
+        self.k_slider.observe(lambda ch: self._act(state.set_top_k, ch["new"]), names="value")
+        self.prev_button.on_click(lambda _: self._act(state.step, -1))
+        self.next_button.on_click(lambda _: self._act(state.step, 1))
+
+    def _act(self, change, value) -> None:
+        """Apply one change to the state (unless a redraw is setting the controls), then redraw."""
+        if self._syncing:
+            return
+        change(value)
+        self._redraw()
+
+    def _sync_controls(self, state, listed_options) -> None:
+        """Set the controls from the state without their callbacks acting again."""
+        self._syncing = True
+        try:
+            self.query_slider.value = state.query
+            self.column_toggle.value = state.column
+            self.k_slider.value = state.top_k
+            self.query_list.options = listed_options
+            self.query_list.value = state.query if state.query in state.listed else None
+        finally:
+            self._syncing = False
+
+
+class RankingExplorer(_Controls):
     """Browse the rankings of a retrieval model, one query at a time.
 
     Args:
@@ -240,14 +275,7 @@ class RankingExplorer:
         right = w.VBox([self.order_dropdown, self.query_list])
         self.widget = w.VBox([w.HBox([left, right]), self.info, self.legend, self.gallery])
 
-        self._syncing = False
-        self.query_slider.observe(lambda ch: self._act(state.show_query, ch["new"]), names="value")
-        self.query_list.observe(lambda ch: ch["new"] is not None and self._act(state.show_query, ch["new"]), names="value")
-        self.order_dropdown.observe(lambda ch: self._act(state.set_order, ch["new"]), names="value")
-        self.column_toggle.observe(lambda ch: self._act(state.set_column, ch["new"]), names="value")
-        self.k_slider.observe(lambda ch: self._act(state.set_top_k, ch["new"]), names="value")
-        self.prev_button.on_click(lambda _: self._act(state.step, -1))
-        self.next_button.on_click(lambda _: self._act(state.step, 1))
+        self._connect(state)
         self._redraw()
 
     @classmethod
@@ -276,27 +304,12 @@ class RankingExplorer:
 
     # ---------------------------------------------------------------------------- drawing
 
-    def _act(self, change, value) -> None:
-        """Apply one change to the state (unless a redraw is setting the controls), then redraw."""
-        if self._syncing:
-            return
-        change(value)
-        self._redraw()
-
     def _redraw(self) -> None:
         s = self.ranking_state
-        self._syncing = True
-        try:
-            self.query_slider.value = s.query
-            self.column_toggle.value = s.column
-            self.k_slider.value = s.top_k
-            self.query_list.options = [
-                (f"{q:>5}  H-AP {s.per_query.at[q, 'H-AP']:.2f}  AP@{s.column} {s.per_query.at[q, f'AP@{s.column}']:.2f}", q)
-                for q in s.listed
-            ]
-            self.query_list.value = s.query if s.query in s.listed else None
-        finally:
-            self._syncing = False
+        self._sync_controls(s, [
+            (f"{q:>5}  H-AP {s.per_query.at[q, 'H-AP']:.2f}  AP@{s.column} {s.per_query.at[q, f'AP@{s.column}']:.2f}", q)
+            for q in s.listed
+        ])
         self.info.value = self._info_html()
         self.gallery.children = self._tiles()
 
@@ -380,7 +393,7 @@ class RankingExplorer:
         )
 
 
-class ComparisonExplorer:
+class ComparisonExplorer(_Controls):
     """The same query under several models side by side (e.g. HAPPIER and SupAP from the grid).
 
     Args:
@@ -437,37 +450,16 @@ class ComparisonExplorer:
         rows = [w.VBox([self.headers[n], self.galleries[n]]) for n in cmp.names]
         self.widget = w.VBox([w.HBox([left, right]), w.HTML(_legend(self.level_labels, self.colors)), *rows])
 
-        self._syncing = False
-        self.query_slider.observe(lambda ch: self._act(cmp.show_query, ch["new"]), names="value")
-        self.query_list.observe(lambda ch: ch["new"] is not None and self._act(cmp.show_query, ch["new"]), names="value")
-        self.order_dropdown.observe(lambda ch: self._act(cmp.set_order, ch["new"]), names="value")
-        self.column_toggle.observe(lambda ch: self._act(cmp.set_column, ch["new"]), names="value")
-        self.k_slider.observe(lambda ch: self._act(cmp.set_top_k, ch["new"]), names="value")
-        self.prev_button.on_click(lambda _: self._act(cmp.step, -1))
-        self.next_button.on_click(lambda _: self._act(cmp.step, 1))
+        self._connect(cmp)
         self._redraw()
 
     def state(self) -> dict:
         return self.comparison.snapshot()
 
-    def _act(self, change, value) -> None:
-        if self._syncing:
-            return
-        change(value)
-        self._redraw()
-
     def _redraw(self) -> None:
         cmp = self.comparison
         gaps = cmp.gaps(cmp.listed) if cmp.listed else None
-        self._syncing = True
-        try:
-            self.query_slider.value = cmp.query
-            self.column_toggle.value = cmp.column
-            self.k_slider.value = cmp.top_k
-            self.query_list.options = [(f"{q:>5}  H-AP gap {gaps.at[q, 'H-AP gap']:+.2f}", q) for q in cmp.listed]
-            self.query_list.value = cmp.query if cmp.query in cmp.listed else None
-        finally:
-            self._syncing = False
+        self._sync_controls(cmp, [(f"{q:>5}  H-AP gap {gaps.at[q, 'H-AP gap']:+.2f}", q) for q in cmp.listed])
         for name, s in cmp.states.items():
             m = s.query_metrics
             self.headers[name].value = (

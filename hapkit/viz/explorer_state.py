@@ -88,6 +88,14 @@ def _check_per_query(results, n: int, num_levels: int) -> pd.DataFrame:
     return per_query
 
 
+def _step_target(query: int, listed: list[int], n: int, delta: int) -> int:
+    """The query ``delta`` places from ``query`` in ``listed`` (wrapping around), or ``delta``
+    item indices away when ``query`` is not listed."""
+    if query in listed:
+        return listed[(listed.index(query) + delta) % len(listed)]
+    return (query + delta) % n
+
+
 class RankingState:
     """The rankings of a retrieval model and the explorer's current view of them.
 
@@ -209,11 +217,7 @@ class RankingState:
     def step(self, delta: int) -> None:
         """Show the query ``delta`` places further in the query list (wrapping around); when the
         current query is not listed, the next / previous item index instead."""
-        if self.query in self.listed:
-            target = self.listed[(self.listed.index(self.query) + delta) % len(self.listed)]
-        else:
-            target = (self.query + delta) % len(self)
-        self.show_query(target)
+        self.show_query(_step_target(self.query, self.listed, len(self), delta))
 
     def _refresh_list(self) -> None:
         self.listed = rank_queries(self.per_query, self.column, self.order, self.list_size)
@@ -395,11 +399,7 @@ class ComparisonState:
 
     def step(self, delta: int) -> None:
         """As :meth:`RankingState.step`, over the comparison's query list."""
-        if self.query in self.listed:
-            target = self.listed[(self.listed.index(self.query) + delta) % len(self.listed)]
-        else:
-            target = (self.query + delta) % len(self)
-        self.show_query(target)
+        self.show_query(_step_target(self.query, self.listed, len(self), delta))
 
     def _refresh_list(self) -> None:
         a, b = list(self.states.values())[:2]
