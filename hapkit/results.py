@@ -32,6 +32,8 @@ import numpy as np
 import pandas as pd
 
 __all__ = [
+    "ClaimNotMet",
+    "check_claims",
     "METRICS_FILE",
     "SCHEMA_VERSION",
     "write_metrics",
@@ -44,6 +46,10 @@ __all__ = [
     "published_table",
     "format_markdown",
     "write_summary",
+    "organisation_table",
+    "failure_table",
+    "compare_methods",
+    "reproduce_command",
 ]
 
 METRICS_FILE = "metrics.json"
@@ -402,3 +408,35 @@ def write_summary(out, runs: pd.DataFrame, summary: pd.DataFrame) -> None:
     published = published_table(runs)
     published.to_csv(out / "published.csv", index=False)
     (out / "summary.md").write_text("# hapkit reproduction\n\n" + format_markdown(summary, published) + "\n")
+
+
+# ------------------------------------------------------------------------------- claims
+
+
+class ClaimNotMet(AssertionError):
+    """A statement a notebook makes about its results does not hold for the results at hand."""
+
+
+def check_claims(claims: Mapping[str, bool]) -> dict[str, bool]:
+    """Print each claim with whether it holds, and raise :class:`ClaimNotMet` naming those that do
+    not.
+
+    Notebooks call it where their text describes a figure or a table ("HAPPIER's family-level
+    neighbour agreement is above SupAP's"), so that a change that breaks the story fails when the
+    notebook runs (papermill, nbval) instead of leaving a sentence that the output contradicts.
+    """
+    if not claims:
+        raise ValueError("check_claims needs at least one claim")
+    held = {str(text): bool(value) for text, value in claims.items()}
+    for text, value in held.items():
+        print(f"{text}: {value}")
+    failed = [text for text, value in held.items() if not value]
+    if failed:
+        raise ClaimNotMet(
+            "the text of this notebook describes results these outputs do not show: "
+            + "; ".join(failed)
+            + ". With other parameters (a shorter training, another seed or recipe) this can be expected; "
+            "with the defaults it means the story no longer matches the code."
+        )
+    return held
+

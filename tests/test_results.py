@@ -160,3 +160,16 @@ def test_organisation_and_failure_tables_name_levels_and_models():
                                  "top-1 wrong (all)"]
     assert fails["SupAP"].tolist() == [25.0, 5.0, 30.0]
     assert fails.iloc[:-1].sum().tolist() == pytest.approx(fails.iloc[-1].tolist())  # the severities add up
+
+
+def test_check_claims_prints_every_claim_and_fails_on_those_that_do_not_hold(capsys):
+    from hapkit.results import ClaimNotMet, check_claims
+
+    assert check_claims({"a above b": True, "c within 3": 1 > 0}) == {"a above b": True, "c within 3": True}
+    assert capsys.readouterr().out == "a above b: True\nc within 3: True\n"
+    with pytest.raises(ClaimNotMet, match="c within 3") as err:
+        check_claims({"a above b": True, "c within 3": False})
+    assert "a above b" not in str(err.value)
+    assert capsys.readouterr().out.splitlines() == ["a above b: True", "c within 3: False"]
+    with pytest.raises(ValueError):
+        check_claims({})
