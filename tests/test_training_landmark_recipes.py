@@ -2,6 +2,7 @@
 real formats, evaluated with the revisited protocol on tiny ROxford5k / RParis6k fixtures; the
 whitening learned after training is saved in the checkpoint and restored by load_model."""
 
+import dataclasses
 import math
 
 import pytest
@@ -28,6 +29,15 @@ SIZED = {  # recipes that resize the benchmark images get a smaller square; list
     "happier_gldv2_hier": ["data.test_transform.resize=24", "data.eval_batch_size=8"],
     "listwise_ap_sfm120k": ["train.sub_batch=4"],  # multi-stage backprop, 4 images per pass
 }
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Networks this small run fastest on one thread (and do not fight other processes for cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -91,9 +101,8 @@ def test_training_further_learns_the_whitening_again(root, tmp_path):
     first = Trainer(cfg, out_dir=tmp_path, progress=False)
     first.fit()
     assert first.model.whitening.out_dim == 4
-    import dataclasses
 
-    cfg2 = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=2))
+    cfg2 = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=2))  # train.epochs may change on resume
     second = Trainer(cfg2, out_dir=tmp_path, progress=False)
     seen = []
     real = second.learn_whitening
