@@ -56,10 +56,13 @@ class PCAWhitening(nn.Module):
         return int(self.projection.shape[0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float()  # the projection is float32; autocast would round it to half precision
-        if bool(self.normalize_input):
-            x = F.normalize(x, dim=-1)
-        return (x - self.mean) @ self.projection.T
+        # float32 with autocast off: under autocast the product would round the projection (and
+        # the small whitened components) to half precision
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = x.float()
+            if bool(self.normalize_input):
+                x = F.normalize(x, dim=-1)
+            return (x - self.mean) @ self.projection.T
 
     def extra_repr(self) -> str:
         return f"{self.in_dim} -> {self.out_dim}, power={float(self.power):g}, normalize_input={bool(self.normalize_input)}"
