@@ -28,23 +28,24 @@ HIER = [
 ]
 
 
-def write_gldv2(root, hier=HIER, header=HIER_HEADER, hier_name="train_label_to_hierarchical.csv", images="train"):
+def write_gldv2(root, hier=HIER, header=HIER_HEADER, hier_name="train_label_to_hierarchical.csv", images="train",
+                clean=CLEAN, size=(5, 7)):
     base = root / "gldv2"
     base.mkdir(parents=True, exist_ok=True)
     with open(base / "train_clean.csv", "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["landmark_id", "images"])
-        for landmark, ids in CLEAN.items():
+        for landmark, ids in clean.items():
             w.writerow([landmark, " ".join(ids)])
     if hier is not None:
         with open(base / hier_name, "w", newline="") as fh:  # csv quoting: supercategories hold commas
             w = csv.writer(fh)
             w.writerow(header)
             w.writerows(hier)
-    for k, image_id in enumerate(i for ids in CLEAN.values() for i in ids):
+    for k, image_id in enumerate(i for ids in clean.values() for i in ids):
         path = base / images / image_id[0] / image_id[1] / image_id[2] / f"{image_id}.jpg"
         path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.full((5, 7, 3), 20 * k, np.uint8)).save(path)
+        Image.fromarray(np.full((*size, 3), (20 * k) % 256, np.uint8)).save(path)
     return base
 
 

@@ -15,7 +15,7 @@ CIDS = ["0a1b2c3d4e5f60718293a4b5c6d7e8f9", "ffeeddccbbaa00998877665544332211", 
 CLUSTERS = [713, 12, 713, 5]
 
 
-def write_sfm(root, cids=CIDS, clusters=CLUSTERS, skip=None):
+def write_sfm(root, cids=CIDS, clusters=CLUSTERS, skip=None, size=(6, 8)):
     base = root / "sfm120k"
     base.mkdir(parents=True, exist_ok=True)
     cells = np.empty((1, len(cids)), dtype=object)  # saved as a MATLAB cell array of strings
@@ -26,7 +26,7 @@ def write_sfm(root, cids=CIDS, clusters=CLUSTERS, skip=None):
             continue
         path = base / "ims" / cid[-2:] / cid[-4:-2] / cid[-6:-4] / cid  # no extension, as distributed
         path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.full((6, 8, 3), 30 * k, np.uint8)).save(path, format="JPEG")
+        Image.fromarray(np.full((*size, 3), (30 * k) % 256, np.uint8)).save(path, format="JPEG")
     return base
 
 

@@ -19,6 +19,8 @@ from hapkit.training.recipes import load_recipe, resolved_recipe
 
 H = "happier/config/"
 R = "roadmap/config/"
+S = "suprank/config/"
+N = "naver/deep-image-retrieval "
 SOP_TRAIN = [("Resize", [256]), ("RandomResizedCrop", [224, 224]), ("RandomHorizontalFlip", None)]
 SOP_TEST = [("Resize", [256, 256]), ("CenterCrop", [224, 224])]
 INAT_TRAIN = [("RandomResizedCrop", [224, 224]), ("RandomHorizontalFlip", None)]
@@ -215,6 +217,97 @@ OFFICIAL = {
         "transforms.train": (INAT_TRAIN, "SPEC.md (transform/inaturalist.yaml)"),
         "transforms.test": (INAT_TEST, "SPEC.md (transform/inaturalist.yaml)"),
     },
+    "roadmap_sfm120k": {
+        "seed": (333, "derived: experience.seed ???, 333 in every ROADMAP README command"),
+        "data.dataset": ("sfm120k", R + "dataset/sfm120k.yaml: SfM120kDataset"),
+        "data.sampler": ("m_per_class", R + "dataset/sfm120k.yaml: MPerClassSampler"),
+        "data.batch_size": (128, R + "dataset/sfm120k.yaml"),
+        "data.samples_per_class": (4, R + "dataset/sfm120k.yaml"),
+        "data.eval_batch_size": (96, R + "experience/landmarks.yaml: eval_bs"),
+        "data.num_workers": (16, R + "experience/landmarks.yaml"),
+        "model.backbone": ("resnet50", R + "model/resnet.yaml (default group)"),
+        "model.layer_norm": (False, R + "model/resnet.yaml: norm_features False"),
+        "model.embedding_size": (512, R + "model/resnet.yaml"),
+        "loss.name": ("ROADMAP", R + "loss/roadmap.yaml (default group)"),
+        "loss.kwargs.offset": (1.44, R + "loss/roadmap.yaml"),
+        "resolved.optimizers.backbone.lr": (1e-5, "SPEC.md (optimizer/sop.yaml, default group)"),
+        "resolved.optimizers.head.lr": (2e-5, "SPEC.md (optimizer/sop.yaml, default group)"),
+        "train.epochs": (50, R + "experience/landmarks.yaml: max_iter 50"),
+        "train.warmup_epochs": (0, R + "experience/landmarks.yaml: warm_up -1"),
+        "train.whitening.learn": (False, "roadmap/engine/landmark_evaluation.py: no whitening"),
+        "transforms.train": ([("RandomResizedCrop", [224, 224]), ("RandomHorizontalFlip", None)],
+                             R + "transform/sfm120k.yaml"),
+        "transforms.test": ([("Resize", [224, 224])], R + "transform/sfm120k.yaml"),
+        "eval.every": (5, R + "experience/landmarks.yaml: test_eval_freq 5"),
+        "eval.scales": (None, "roadmap/engine/landmark_evaluation.py: one scale"),
+        "eval.query_expansion": (None, "roadmap/engine/landmark_evaluation.py"),
+    },
+    "happier_gldv2_hier": {
+        "seed": (0, S + "default.yaml"),
+        "data.dataset": ("gldv2_hier", S + "dataset/gldv2_hier.yaml: load_hierarchy, remove_nan"),
+        "data.sampler": ("m_per_class", S + "dataset/gldv2_hier.yaml: MPerClassSampler"),
+        "data.batch_size": (256, S + "dataset/gldv2_hier.yaml"),
+        "data.samples_per_class": (4, S + "dataset/gldv2_hier.yaml"),
+        "data.max_per_class": (8, S + "dataset/gldv2_hier.yaml: reduce_per_class 8"),
+        "data.eval_batch_size": (60, S + "evaluation/landmark_evaluation.yaml: batch_size 60"),
+        "data.num_workers": (10, S + "default.yaml"),
+        "model.backbone": ("resnet101", S + "model/resnet_101_LM.yaml"),
+        "model.pooling": ("gem", S + "model/resnet_101_LM.yaml: pooling gem (learnable p)"),
+        "model.gem_p": (3.0, "suprank/models/get_pooling.py: GeM p=3"),
+        "model.layer_norm": (False, S + "model/resnet_101_LM.yaml: norm_features False"),
+        "model.embedding_size": (2048, S + "model/resnet_101_LM.yaml: embed_dim"),
+        "model.freeze_batchnorm": (True, S + "model/resnet_101_LM.yaml"),
+        "loss.name": ("HAPPIER", S + "loss/HAPPIER_pp_LM.yaml: SupHAPLoss + ClusterLoss"),
+        "loss.kwargs.lambda_": (0.1, S + "loss/HAPPIER_pp_LM.yaml: weight [0.9, 0.1]"),
+        "loss.kwargs.tau": (0.01, S + "loss/HAPPIER_pp_LM.yaml"),
+        "loss.kwargs.rho": (100.0, S + "loss/HAPPIER_pp_LM.yaml"),
+        "loss.kwargs.delta": (0.05, S + "loss/HAPPIER_pp_LM.yaml"),
+        "loss.kwargs.start": (0.5, S + "loss/HAPPIER_pp_LM.yaml"),
+        "loss.kwargs.offset": (1.44, S + "loss/HAPPIER_pp_LM.yaml"),
+        "loss.kwargs.relevance": ("pop", S + "dataset/gldv2_hier.yaml: relevance_type pop"),
+        "loss.kwargs.alpha": (1.0, S + "dataset/gldv2_hier.yaml: alpha 1.0"),
+        "resolved.optimizers.backbone.optimizer": ("adam", S + "optimizer/gldv2.yaml"),
+        "resolved.optimizers.backbone.lr": (1e-4, S + "optimizer/gldv2.yaml"),
+        "resolved.optimizers.backbone.weight_decay": (1e-4, S + "optimizer/gldv2.yaml"),
+        "resolved.optimizers.backbone.scheduler": ("cosine", S + "optimizer/gldv2.yaml: T_max ${max_iter}"),
+        "resolved.optimizers.backbone.eta_min": (0.0, S + "optimizer/gldv2.yaml"),
+        "resolved.optimizers.head.lr": (1e-4, S + "optimizer/gldv2.yaml: ${mult:1,...backbone.lr}"),
+        "resolved.optimizers.head.weight_decay": (1e-4, S + "optimizer/gldv2.yaml"),
+        "resolved.optimizers.loss.optimizer": ("adam", S + "loss/HAPPIER_pp_LM.yaml: ${optimizer.opt.head}"),
+        "resolved.optimizers.loss.lr": (1e-4, S + "loss/HAPPIER_pp_LM.yaml: ${optimizer.opt.head}"),
+        "resolved.optimizers.loss.scheduler": ("cosine", S + "loss/HAPPIER_pp_LM.yaml: ${optimizer.sch.head}"),
+        "train.epochs": (100, S + "default.yaml: max_iter 100"),
+        "train.warmup_epochs": (0, S + "default.yaml: warmup_step null"),
+        "train.amp": ("fp16", S + "model/resnet_101_LM.yaml: with_autocast True"),
+        "optim.grad_clip": (None, S + "default.yaml: gradient_clipping_norm null"),
+        "train.memory.size": (0, S + "default.yaml: memory no_memory"),
+        "transforms.train": ([("RandomResizedCrop", [224, 224]), ("RandomHorizontalFlip", None)],
+                             S + "dataset/gldv2_hier.yaml"),
+        "transforms.test": ([("Resize", [224, 224])], S + "dataset/gldv2_hier.yaml"),
+        "eval.every": (20, S + "default.yaml: test_eval_freq 20"),
+        "eval.scales": (None, S + "evaluation/landmark_evaluation.yaml: multi_scale False"),
+        "eval.query_expansion": (None, "suprank/engine/landmark_evaluation.py"),
+    },
+    "listwise_ap_sfm120k": {
+        "model.backbone": ("resnet101", N + "README: Resnet101-AP-GeM"),
+        "model.pretrained": ("required", N + "README: fine-tuned from ImageNet"),
+        "model.pooling": ("gem", N + "README: GeM"),
+        "model.gem_p": (3.0, N + "dirtorch/test_dir.py: --gemp 3"),
+        "loss.name": ("ListwiseAP", N + "dirtorch/loss.py: APLoss"),
+        "loss.kwargs.num_bins": (25, N + "dirtorch/loss.py: nq=25"),
+        "loss.kwargs.sim_range": ([0.0, 1.0], N + "dirtorch/loss.py: min=0, max=1"),
+        "train.whitening.learn": (True, N + "README: whitening learned on the training set"),
+        "train.whitening.power": (0.25, N + "dirtorch/test_dir.py: --whitenp 0.25"),
+        "train.whitening.dim": (None, N + "dirtorch/test_dir.py: --whitenv None"),
+        "transforms.test": ([], N + "dirtorch/test_dir.py: --trfs '' (native size, one resolution)"),
+        "data.eval_batch_size": (1, N + "dirtorch/test_dir.py: batch_size 1 unless same_size"),
+        "eval.scales": (None, N + "dirtorch/test_dir.py: single resolution"),
+        "eval.query_expansion": (None, N + "dirtorch/test_dir.py: --aqe None"),
+        "reported.roxford5k/mAP@medium": (67.1, N + "README: Resnet101-AP-GeM"),
+        "reported.roxford5k/mAP@hard": (42.3, N + "README"),
+        "reported.rparis6k/mAP@medium": (80.3, N + "README"),
+        "reported.rparis6k/mAP@hard": (60.9, N + "README"),
+    },
 }
 
 
@@ -247,7 +340,9 @@ def test_the_resolved_recipe_equals_the_official_files(name):
 
 def synthetic_labels(cfg, n_super=12, fine_per_super=40, images=6):
     """Labels shaped like the recipe's dataset: enough classes and levels for its sampler."""
-    levels = {"sop": 2, "inaturalist": 2, "inaturalist_full": 7, "cub": 1}.get(cfg.data.dataset, 3)
+    levels = {"sop": 2, "inaturalist": 2, "inaturalist_full": 7, "cub": 1, "sfm120k": 1}.get(cfg.data.dataset, 3)
+    # enough fine classes for one batch of the m-per-class sampler (listwise AP takes 1,024 of them)
+    fine_per_super = max(fine_per_super, -(-cfg.data.batch_size // cfg.data.samples_per_class // n_super))
     fine = np.repeat(np.arange(n_super * fine_per_super), images)
     cols = [fine] + [fine // (fine_per_super * (2**c)) for c in range(levels - 1)]
     return np.stack(cols[:levels], 1)
@@ -341,4 +436,4 @@ def test_official_recipes_say_where_they_come_from():
 
     for name in OFFICIAL:
         header = recipe_path(name).read_text().split("\n\n")[0]
-        assert "Resolved from elias-ramzi/" in header and "README" in header, name
+        assert ("Resolved from elias-ramzi/" in header or "Resolved from naver/" in header) and "README" in header, name

@@ -128,3 +128,13 @@ def test_learn_whitening_fits_the_unwhitened_embeddings():
     model.whitening = torch.nn.Identity()
     direct = fit_pca_whitening(model(images).detach(), power=0.5)
     torch.testing.assert_close(w.projection, direct.projection, atol=1e-4, rtol=1e-3)
+
+
+def test_whitening_stays_in_float32_under_autocast():
+    torch.manual_seed(0)
+    x = torch.randn(50, 8)
+    w = fit_pca_whitening(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = w(x)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, w(x))

@@ -29,6 +29,7 @@ __all__ = [
     "GroupConfig",
     "OptimConfig",
     "MemoryConfig",
+    "WhiteningConfig",
     "TrainConfig",
     "EvalConfig",
     "Recipe",
@@ -184,6 +185,33 @@ class MemoryConfig:
 
 
 @dataclass
+class WhiteningConfig:
+    """A PCA-whitening learned after training (landmark retrieval; Revaud et al.'s post-processing).
+
+    With ``learn: true``, once the last epoch is trained the model embeds the training set with
+    the recipe's test transform (at ``eval.scales`` when set), a
+    :class:`~hapkit.training.whitening.PCAWhitening` of exponent ``power`` keeping ``dim``
+    components (None: all) is fitted on those embeddings and attached to the model before the
+    final evaluation; it is saved in the checkpoint and restored by ``load_model``.
+    ``max_items``: fit on this many training images, evenly spread (None: all of them).
+    Evaluations before the end of training see the model without whitening.
+    """
+
+    learn: bool = False
+    power: float = 0.25  # naver's --whitenp default; 0.5 is full whitening
+    dim: Optional[int] = None
+    max_items: Optional[int] = None
+
+    def __post_init__(self):
+        if self.power < 0:
+            raise ConfigError(f"train.whitening.power must be >= 0 (0.5: full whitening, 0.25: Revaud et al.), got {self.power}")
+        if self.dim is not None and self.dim < 1:
+            raise ConfigError(f"train.whitening.dim must be a number of components >= 1 or null (all), got {self.dim}")
+        if self.max_items is not None and self.max_items < 2:
+            raise ConfigError(f"train.whitening.max_items must be >= 2 images or null (all), got {self.max_items}")
+
+
+@dataclass
 class TrainConfig:
     """Training loop settings.
 
@@ -209,6 +237,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints; 0 = at the end of each epoch only
     deterministic: bool = False  # torch.use_deterministic_algorithms (slower on GPU)
     memory: MemoryConfig = field(default_factory=MemoryConfig)  # cross-batch memory (off by default)
+    whitening: WhiteningConfig = field(default_factory=WhiteningConfig)  # learned after training (off by default)
 
 
 @dataclass
@@ -220,6 +249,12 @@ class EvalConfig:
     (None: all). ``overall`` adds the official averages: the mean of each metric over the eval
     sets when there are several (DyML's benchmarks), else the mean of each binary metric over
     ``columns`` (``overall/AP`` etc.).
+
+    Landmark benchmarks (an eval set with a ground truth ``gnd``: ROxford5k, RParis6k) are scored
+    with the revisited protocol (:func:`hapkit.training.landmarks.evaluate_landmark_set`):
+    ``<set>/mAP@medium``, ``<set>/mP@5@hard``, ... with ``ks`` as the k of mP@k, ``scales`` /
+    ``scale_power`` for a multi-scale embedding and ``query_expansion`` for alpha-QE;
+    ``max_items`` does not apply to them (the ground truth indexes the whole gallery).
     """
 
     every: int = 20  # epochs; 0 = only at the end
@@ -229,6 +264,22 @@ class EvalConfig:
     ks: list[int] = field(default_factory=lambda: [1, 4, 16])
     overall: bool = False
     max_items: Optional[int] = None  # evaluate on this many items spread over each set (quick checks)
+    # landmark benchmarks (eval sets with a ground truth, scored with the revisited protocol)
+    scales: Optional[list[float]] = None  # multi-scale embedding, e.g. [1, 0.7071, 0.5]; None: single scale
+    scale_power: float = 3.0  # exponent of the power mean combining the scales
+    query_expansion: Optional[list[float]] = None  # [k, alpha] of alpha-query expansion; None: off
+
+    def __post_init__(self):
+        if self.scales is not None and (not self.scales or any(not s > 0 for s in self.scales)):
+            raise ConfigError(f"eval.scales must be a non-empty list of positive scales or null, got {self.scales}")
+        if not self.scale_power > 0:
+            raise ConfigError(f"eval.scale_power must be > 0 (1: mean, 3: GeM's), got {self.scale_power}")
+        qe = self.query_expansion
+        if qe is not None and (len(qe) != 2 or not float(qe[0]).is_integer() or qe[0] < 1 or qe[1] < 0):
+            raise ConfigError(
+                f"eval.query_expansion must be [k, alpha] with an integer k >= 1 and alpha >= 0 "
+                f"(e.g. [2, 3.0]) or null, got {qe}"
+            )
 
 
 @dataclass

@@ -64,6 +64,7 @@ from hapkit.training.loading import make_train_loader
 from hapkit.training.memory import TrainingMemory
 from hapkit.training.models import build_model
 from hapkit.training.optim import build_optimizers
+from hapkit.training.whitening import PCAWhitening, ensure_whitening, remove_whitening
 
 __all__ = [
     "Trainer",
@@ -255,6 +256,9 @@ def evaluate_model(
     ks=(1, 4, 16),
     overall: bool = False,
     distributed: bool = False,
+    scales=None,
+    scale_power: float = 3.0,
+    query_expansion=None,
 ) -> dict:
     """Embed each eval set with ``model`` and evaluate it; returns flat ``{"<set>/<metric>": value}``.
 
@@ -269,6 +273,13 @@ def evaluate_model(
     ``distributed``: every process of the initialised process group calls this; each embeds its
     contiguous share of every set and :func:`hapkit.evaluate.evaluate` ranks them together
     (``distributed=True``), so every process returns the same metrics.
+
+    A landmark benchmark (an eval set with a ground truth ``gnd``) is scored with the revisited
+    protocol by :func:`hapkit.training.landmarks.evaluate_landmark_set` (``<set>/mAP@medium``,
+    ``<set>/mP@5@hard``, ...; ``ks`` are the k of mP@k), embedded at ``scales`` (None: one scale,
+    combined with the power mean of ``scale_power``) with alpha-query expansion
+    ``query_expansion`` = (k, alpha) when given; every process scores it whole, and ``max_items``
+    does not apply (the ground truth indexes the whole gallery).
     """
     from hapkit.evaluate import evaluate, extract_embeddings
 
@@ -290,6 +301,16 @@ def evaluate_model(
     out: dict = {}
     per_set = []
     for es in eval_sets:
+        if getattr(es, "gnd", None) is not None:
+            from hapkit.training.landmarks import evaluate_landmark_set
+
+            res = evaluate_landmark_set(model, es, batch_size=batch_size, device=device, scales=scales,
+                                        power=scale_power, query_expansion=query_expansion, ks=ks,
+                                        progress=progress and rank == 0, amp=amp, num_workers=num_workers)
+            summary = {k: float(v) for k, v in res.summary.items()}
+            per_set.append(summary)
+            out.update({f"{es.name}/{k}": v for k, v in summary.items()})
+            continue
         q_emb, q_lab = embed(es.query)
         g_emb = g_lab = None
         options = {}
@@ -507,7 +528,10 @@ class Trainer:
                 f"cannot resume: the checkpoint in {self.run_dir} was trained with a different "
                 f"recipe ({', '.join(blocking)} differ). Use another output directory for a new run."
             )
+        ensure_whitening(self.model, state["model"])
         self.model.load_state_dict(state["model"])
+        if state["epoch"] < self.cfg.train.epochs and isinstance(self.model.whitening, PCAWhitening):
+            remove_whitening(self.model)  # training goes on (more epochs): learned again at the end
         self.loss_fn.load_state_dict(state["loss"])
         for k, o in self.optimizers.items():
             o.load_state_dict(state["optimizers"][k])
@@ -762,6 +786,8 @@ class Trainer:
                 for s in self.schedulers.values():
                     s.step()
         last = self.epoch + 1 == cfg.train.epochs
+        if last and cfg.train.whitening.learn:
+            self.learn_whitening()
         every = cfg.eval.every
         if (every and (self.epoch + 1) % every == 0) or (last and cfg.eval.at_end):
             record.update(self.evaluate())
@@ -776,6 +802,21 @@ class Trainer:
         self._epoch_loss = torch.zeros((), device=self.device, dtype=torch.float64)
         self._epoch_steps = 0
         self.save_checkpoint()
+
+    @torch.no_grad()
+    def learn_whitening(self):
+        """Learn the recipe's PCA-whitening (``train.whitening``) on the training set and attach it
+        to the model (:func:`hapkit.training.landmarks.learn_recipe_whitening`); with several
+        processes, rank 0's is given to every process."""
+        from hapkit.training.landmarks import learn_recipe_whitening
+
+        with torch.random.fork_rng(devices=[]):
+            whitening = learn_recipe_whitening(self.model, self.cfg, self.train_set, device=self.device,
+                                               progress=self.progress and self.dist.is_main)
+        if self.dist.enabled:
+            for buffer in whitening.buffers():
+                dist.broadcast(buffer, 0)
+        return whitening
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -799,6 +840,9 @@ class Trainer:
                 ks=self.cfg.eval.ks,
                 overall=self.cfg.eval.overall,
                 distributed=self.dist.enabled,
+                scales=self.cfg.eval.scales,
+                scale_power=self.cfg.eval.scale_power,
+                query_expansion=self.cfg.eval.query_expansion,
             )
         self.model.train(was_training)
         barrier(self.dist)

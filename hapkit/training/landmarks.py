@@ -3,7 +3,8 @@ its queries, gallery and distractors, apply the test-time processing (multi-scal
 expansion) and score with :func:`hapkit.evaluate.evaluate_revisited`.
 
 A learned whitening is part of the model (:mod:`hapkit.training.whitening`), so it is applied
-here whenever the model holds one.
+here whenever the model holds one; :func:`learn_recipe_whitening` learns it after training, as a
+recipe's ``train.whitening`` asks.
 """
 
 from __future__ import annotations
@@ -20,43 +21,47 @@ from hapkit.evaluate import (
     extract_multiscale_embeddings,
 )
 
-__all__ = ["embed_landmark_set", "evaluate_landmark_set"]
+__all__ = ["embed_landmark_set", "evaluate_landmark_set", "learn_recipe_whitening"]
 
 
-def _embed(model, dataset, batch_size, device, scales, power, progress) -> torch.Tensor:
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
+def _embed(model, dataset, batch_size, device, scales, power, progress, amp=True, num_workers=0) -> torch.Tensor:
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     if scales is None or tuple(scales) == (1,):
-        emb, _ = extract_embeddings(model, loader, device=device, progress=progress)
+        emb, _ = extract_embeddings(model, loader, device=device, amp=amp, progress=progress)
     else:
-        emb, _ = extract_multiscale_embeddings(model, loader, scales=scales, power=power, device=device, progress=progress)
+        emb, _ = extract_multiscale_embeddings(model, loader, scales=scales, power=power, device=device, amp=amp,
+                                               progress=progress)
     return emb
 
 
 def embed_landmark_set(model, eval_set, batch_size: int = 32, device=None, scales: Sequence[float] | None = None,
-                       power: float = 3.0, progress: bool = True) -> dict[str, torch.Tensor | None]:
+                       power: float = 3.0, progress: bool = True, amp: bool = True,
+                       num_workers: int = 0) -> dict[str, torch.Tensor | None]:
     """``{"query", "gallery", "distractors"}`` embeddings of a benchmark (``distractors``: None
     without R1M). ``scales``: multi-scale embedding (e.g. ``(1, 2**-0.5, 0.5)``), combined with
     the signed power mean of exponent ``power``; None = single scale. Use ``batch_size=1`` for
-    images left at their native, varying, size."""
+    images left at their native, varying, size. ``amp``: autocast on CUDA."""
     if eval_set.gnd is None:
         raise ValueError(f"{eval_set.name} has no ground truth (gnd): it is not a landmark benchmark")
     out = {}
     for part in ("query", "gallery", "distractors"):
         ds = getattr(eval_set, part)
-        out[part] = None if ds is None else _embed(model, ds, batch_size, device, scales, power, progress)
+        out[part] = None if ds is None else _embed(model, ds, batch_size, device, scales, power, progress, amp,
+                                                   num_workers)
     return out
 
 
 def evaluate_landmark_set(model, eval_set, *, batch_size: int = 32, device=None, scales: Sequence[float] | None = None,
                           power: float = 3.0, query_expansion: tuple[int, float] | None = None,
-                          ks: Sequence[int] = (1, 5, 10), progress: bool = True) -> RetrievalResults:
+                          ks: Sequence[int] = (1, 5, 10), progress: bool = True, amp: bool = True,
+                          num_workers: int = 0) -> RetrievalResults:
     """Embed a landmark benchmark (:func:`embed_landmark_set`) and score it with the revisited
     protocol. ``query_expansion``: ``(k, alpha)`` of α-query expansion over the gallery (and
     distractors), off by default as in the published numbers."""
-    emb = embed_landmark_set(model, eval_set, batch_size, device, scales, power, progress)
+    emb = embed_landmark_set(model, eval_set, batch_size, device, scales, power, progress, amp, num_workers)
     queries = emb["query"]
     if query_expansion is not None:
-        k, alpha = query_expansion
+        k, alpha = int(query_expansion[0]), float(query_expansion[1])
         database = emb["gallery"] if emb["distractors"] is None else torch.cat([emb["gallery"], emb["distractors"]])
         queries = alpha_query_expansion(queries, database, k=k, alpha=alpha)
     results = evaluate_revisited(queries, emb["gallery"], eval_set.gnd, ks=ks, distractor_embeddings=emb["distractors"],
@@ -64,3 +69,32 @@ def evaluate_landmark_set(model, eval_set, *, batch_size: int = 32, device=None,
     results.settings.update(benchmark=eval_set.name, scales=None if scales is None else list(scales),
                             query_expansion=None if query_expansion is None else list(query_expansion))
     return results
+
+
+def learn_recipe_whitening(model, cfg, train_set, device=None, progress: bool = True):
+    """The whitening of a recipe's ``train.whitening`` (:class:`~hapkit.training.config.WhiteningConfig`),
+    learned on ``train_set`` and attached to ``model`` in place of any previous one; returns it.
+
+    As naver's ``learn_whiten``: the training images are embedded with the recipe's TEST
+    transform (not the augmentation) at the evaluation's scales (``eval.scales``, combined with
+    ``eval.scale_power``), by the model without whitening, and the PCA is fitted on those
+    (L2-normalised) embeddings with ``power`` and ``dim``; ``max_items`` images evenly spread
+    (None: all).
+    """
+    from hapkit.data import spread_subset
+    from hapkit.data.builder import recipe_transform, with_transform
+    from hapkit.training.whitening import PCAWhitening, attach_whitening, fit_pca_whitening, remove_whitening
+
+    spec = cfg.train.whitening
+    data = train_set
+    if hasattr(data, "transform"):  # the test transform: the whitening sees what the benchmarks see
+        data = with_transform(data, recipe_transform(cfg.data, train=False))
+    data = spread_subset(data, spec.max_items)
+    if isinstance(getattr(model, "whitening", None), PCAWhitening):
+        remove_whitening(model)
+    amp = cfg.train.amp != "none"
+    embeddings = _embed(model, data, cfg.data.eval_batch_size, device, cfg.eval.scales, cfg.eval.scale_power,
+                        progress, amp, cfg.data.num_workers)
+    whitening = fit_pca_whitening(embeddings, power=spec.power, dim=spec.dim, normalize_input=True)
+    attach_whitening(model, whitening)
+    return whitening

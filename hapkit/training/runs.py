@@ -40,6 +40,7 @@ from hapkit.results import headline_metrics, write_metrics
 from hapkit.training.checkpoint import load_checkpoint, rng_state, seed_everything, set_rng_state
 from hapkit.training.config import Recipe, apply_overrides, from_dict, to_dict
 from hapkit.training.models import build_model
+from hapkit.training.whitening import ensure_whitening
 
 __all__ = [
     "DEFAULT_RECIPE",
@@ -148,6 +149,7 @@ def load_model(checkpoint, device=None):
         raise ValueError(f"{path} is not a hapkit training checkpoint (it has no 'model' and 'recipe' entries)")
     cfg = from_dict(Recipe, state["recipe"])
     model = build_model(dataclasses.replace(cfg.model, pretrained=False))
+    ensure_whitening(model, state["model"])  # a whitening learned after training (landmark recipes)
     model.load_state_dict(state["model"])
     return model.to(device or "cpu").eval(), cfg
 
@@ -436,6 +438,7 @@ def evaluate_checkpoint(checkpoint, device=None, data_root=None, dataset_options
             device=device, amp=resolve_amp(cfg.train.amp, torch.device(device or "cpu")) is not None,
             metrics=cfg.eval.metrics, max_items=cfg.eval.max_items, progress=progress,
             columns=cfg.eval.columns, ks=cfg.eval.ks, overall=cfg.eval.overall, distributed=distributed,
+            scales=cfg.eval.scales, scale_power=cfg.eval.scale_power, query_expansion=cfg.eval.query_expansion,
         )
 
 

@@ -23,7 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["PCAWhitening", "fit_pca_whitening", "attach_whitening", "ensure_whitening", "learn_whitening"]
+__all__ = [
+    "PCAWhitening", "fit_pca_whitening", "attach_whitening", "ensure_whitening", "remove_whitening", "learn_whitening",
+]
 
 REVAUD_POWER = 0.25  # naver's --whitenp default, behind the ROxford / RParis numbers of the paper
 _ROWS_PER_STEP = 65536  # rows of features accumulated at a time (float64 copies stay small)
@@ -54,10 +56,13 @@ class PCAWhitening(nn.Module):
         return int(self.projection.shape[0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float()  # the projection is float32; autocast would round it to half precision
-        if bool(self.normalize_input):
-            x = F.normalize(x, dim=-1)
-        return (x - self.mean) @ self.projection.T
+        # float32 with autocast off: under autocast the product would round the projection (and
+        # the small whitened components) to half precision
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = x.float()
+            if bool(self.normalize_input):
+                x = F.normalize(x, dim=-1)
+            return (x - self.mean) @ self.projection.T
 
     def extra_repr(self) -> str:
         return f"{self.in_dim} -> {self.out_dim}, power={float(self.power):g}, normalize_input={bool(self.normalize_input)}"
@@ -144,6 +149,13 @@ def ensure_whitening(model: nn.Module, state_dict, prefix: str = "whitening.") -
     if key in state_dict and not isinstance(getattr(model, "whitening", None), PCAWhitening):
         out_dim, in_dim = state_dict[key].shape
         attach_whitening(model, PCAWhitening(in_dim, out_dim))
+    return model
+
+
+def remove_whitening(model: nn.Module) -> nn.Module:
+    """Take a learned whitening out of ``model`` (the head's output is the embedding again)."""
+    size = _unwhitened_size(model)
+    model.whitening, model.embedding_size = nn.Identity(), size
     return model
 
 
