@@ -128,3 +128,16 @@ def test_learn_whitening_fits_the_unwhitened_embeddings():
     model.whitening = torch.nn.Identity()
     direct = fit_pca_whitening(model(images).detach(), power=0.5)
     torch.testing.assert_close(w.projection, direct.projection, atol=1e-4, rtol=1e-3)
+
+
+def test_unwhitened_embeddings_leave_the_whitening_in_place():
+    from hapkit.training.whitening import unwhitened_embeddings
+
+    torch.manual_seed(0)
+    model = small_model()
+    images = torch.rand(12, 3, 16, 16)
+    loader = [(images[i:i + 6], torch.zeros(6, 1, dtype=torch.long)) for i in range(0, 12, 6)]
+    w = learn_whitening(model, loader, power=0.25, progress=False)
+    raw, _ = unwhitened_embeddings(model, loader, progress=False)
+    assert model.whitening is w and raw.shape == (12, w.in_dim)
+    torch.testing.assert_close(fit_pca_whitening(raw, power=0.25).projection, w.projection)
