@@ -46,3 +46,11 @@ def test_recipe_trains_a_few_steps_with_the_suprank_loss(tmp_path, name):
     result = trainer.fit()
     assert 1 <= result.global_step <= 12 and np.isfinite(result.history["loss"]).all()
     assert (tmp_path / "checkpoint.pt").is_file()
+
+
+def test_the_default_grid_trains_both_suprank_recipes(tmp_path):
+    from hapkit.reproduce import DEFAULT_METHODS, plan_grid
+
+    names = [s.name for s in plan_grid(out=tmp_path)]
+    assert {"suprecall", "supndcg"} <= set(DEFAULT_METHODS)
+    assert "suprecall_generated/seed0" in names and "supndcg_generated/seed0" in names
