@@ -76,12 +76,12 @@ def _add_reproduce(sub) -> None:
             "each run in its own directory under OUT/runs (runs that already finished are skipped), "
             "then write OUT/summary.csv and OUT/summary.md (mean +/- std over seeds of R@1, AP per "
             "level, H-AP, ASI and NDCG, beside the published numbers) and OUT/runs.csv (every metric "
-            "of every run). The default grid (HAPPIER, SupAP, Smooth-AP, HPL on the generated "
-            "dataset, one seed) takes a few minutes on two CPU cores (use --jobs 2)."
+            "of every run). The default grid (HAPPIER, SupAP, Smooth-AP, HPL, SupRank's SupRecall and "
+            "SupNDCG on the generated dataset, one seed) takes a few minutes on two CPU cores (use --jobs 2)."
         ),
         epilog="example: hapkit reproduce --methods happier supap --datasets sop --data-root data/sop --seeds 3",
     )
-    p.add_argument("--methods", nargs="+", default=None, help="methods (default: happier supap smoothap hpl)")
+    p.add_argument("--methods", nargs="+", default=None, help="methods (default: happier supap smoothap hpl suprecall supndcg)")
     p.add_argument("--datasets", nargs="+", default=None, help="datasets (default: generated)")
     p.add_argument("--seeds", type=int, default=1, help="number of seeds per (method, dataset), 0..N-1 (default 1)")
     p.add_argument("--data-root", default=None, help="dataset folder passed to every run")

@@ -8,7 +8,7 @@ then joined, with papermill's recorded parameters and durations, into ``<out>/ru
 summary, mean +/- std over seeds beside the published numbers, in ``<out>/summary.csv`` and
 ``<out>/summary.md`` (the tables of :mod:`hapkit.results`).
 
-    hapkit reproduce                             # HAPPIER, SupAP, Smooth-AP, HPL on the generated data
+    hapkit reproduce                             # HAPPIER, SupAP, Smooth-AP, HPL, SupRecall, SupNDCG on the generated data
     hapkit reproduce --seeds 3 --jobs 2
     hapkit reproduce --methods happier roadmap --datasets sop --data-root data --seeds 3
     hapkit reproduce --notebooks                 # the grid, then every notebook (reading the grid's runs)
@@ -44,7 +44,7 @@ __all__ = [
     "reproduce_all",
 ]
 
-DEFAULT_METHODS = ("happier", "supap", "smoothap", "hpl")
+DEFAULT_METHODS = ("happier", "supap", "smoothap", "hpl", "suprecall", "supndcg")
 DEFAULT_DATASETS = ("generated",)
 TRAINING_NOTEBOOK = "03_training.ipynb"
 

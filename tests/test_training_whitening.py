@@ -138,3 +138,16 @@ def test_whitening_stays_in_float32_under_autocast():
         y = w(x)
     assert y.dtype == torch.float32
     torch.testing.assert_close(y, w(x))
+
+
+def test_unwhitened_embeddings_leave_the_whitening_in_place():
+    from hapkit.training.whitening import unwhitened_embeddings
+
+    torch.manual_seed(0)
+    model = small_model()
+    images = torch.rand(12, 3, 16, 16)
+    loader = [(images[i:i + 6], torch.zeros(6, 1, dtype=torch.long)) for i in range(0, 12, 6)]
+    w = learn_whitening(model, loader, power=0.25, progress=False)
+    raw, _ = unwhitened_embeddings(model, loader, progress=False)
+    assert model.whitening is w and raw.shape == (12, w.in_dim)
+    torch.testing.assert_close(fit_pca_whitening(raw, power=0.25).projection, w.projection)

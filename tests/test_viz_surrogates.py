@@ -74,3 +74,27 @@ def test_decomposability_experiment_table():
         vs.decomposability_experiment(num_classes=9, classes_per_batch=4, epochs=1)
     with pytest.raises(ValueError, match="batching"):
         vs.decomposability_experiment(num_classes=8, classes_per_batch=4, epochs=1, batchings=("mixed",))
+
+
+def test_suprecall_bounds_the_sigmoid_recall_of_the_exact_ranks_and_checks_name_the_pairs():
+    df = vs.surrogate_vs_exact(num_batches=1, batch_size=16, dim=8, losses=["SupRecall", "SupNDCG"])
+    assert set(zip(df.loss, df.metric)) == {("SupRecall", vs.RECALL), ("SupRecall", vs.SIGMOID_RECALL),
+                                            ("SupNDCG", "NDCG")}
+    checks = vs.bound_checks(vs.bound_summary(df))
+    assert checks.to_dict() == {f"SupRecall <= {vs.SIGMOID_RECALL}": True, "SupNDCG <= NDCG": True}
+    fig = vs.bounds_figure(df)
+    assert [a.text for a in fig.layout.annotations] == [
+        f"SupRecall ({vs.RECALL})", f"SupRecall ({vs.SIGMOID_RECALL})", "SupNDCG (NDCG)"]
+    with pytest.raises(ValueError, match="unknown surrogate"):
+        vs.surrogate_vs_exact(num_batches=1, batch_size=16, dim=8, losses=["SupMAP"])
+
+
+def test_recall_at_ks_counts_positives_within_k_over_min_of_positives_and_k():
+    import torch
+
+    scores = torch.tensor([[0.9, 0.8, 0.7, 0.6]])
+    positives = torch.tensor([[False, True, False, True]])  # ranks 2 and 4
+    # k=1: 0/1, k=2: 1/2, k=4: 2/2
+    assert float(vs.recall_at_ks(scores, positives, ks=(1, 2, 4))) == pytest.approx((0 + 0.5 + 1) / 3)
+    smooth = float(vs.recall_at_ks(scores, positives, ks=(1,), temp=1.0))
+    assert smooth == pytest.approx(float(torch.sigmoid(torch.tensor(-1.0)) + torch.sigmoid(torch.tensor(-3.0))))

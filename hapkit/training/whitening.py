@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
-    "PCAWhitening", "fit_pca_whitening", "attach_whitening", "ensure_whitening", "remove_whitening", "learn_whitening",
+    "PCAWhitening", "fit_pca_whitening", "attach_whitening", "ensure_whitening", "remove_whitening",
+    "unwhitened_embeddings", "learn_whitening",
 ]
 
 REVAUD_POWER = 0.25  # naver's --whitenp default, behind the ROxford / RParis numbers of the paper
@@ -159,19 +160,25 @@ def remove_whitening(model: nn.Module) -> nn.Module:
     return model
 
 
-def learn_whitening(model: nn.Module, loader, power: float = REVAUD_POWER, dim: int | None = None, device=None,
-                    progress: bool = True) -> PCAWhitening:
-    """Embed ``loader`` (a training set) with ``model`` without whitening, fit a PCA-whitening on
-    those embeddings and attach it to the model (replacing any previous one); return it."""
+def unwhitened_embeddings(model: nn.Module, loader, device=None, progress: bool = True):
+    """Embeddings and labels of ``loader`` by ``model`` without its whitening (what
+    :func:`fit_pca_whitening` learns from), the model's whitening left in place: several
+    whitenings (powers, subsets) can be fitted from one pass over the images."""
     from hapkit.evaluate import extract_embeddings
 
     previous, size = getattr(model, "whitening", None), model.embedding_size
     model.whitening, model.embedding_size = nn.Identity(), _unwhitened_size(model)
     try:
-        embeddings, _ = extract_embeddings(model, loader, device=device, progress=progress)
-    except BaseException:
+        return extract_embeddings(model, loader, device=device, progress=progress)
+    finally:
         model.whitening, model.embedding_size = previous, size
-        raise
+
+
+def learn_whitening(model: nn.Module, loader, power: float = REVAUD_POWER, dim: int | None = None, device=None,
+                    progress: bool = True) -> PCAWhitening:
+    """Embed ``loader`` (a training set) with ``model`` without whitening, fit a PCA-whitening on
+    those embeddings and attach it to the model (replacing any previous one); return it."""
+    embeddings, _ = unwhitened_embeddings(model, loader, device=device, progress=progress)
     whitening = fit_pca_whitening(embeddings, power=power, dim=dim, normalize_input=True)
     attach_whitening(model, whitening)
     return whitening

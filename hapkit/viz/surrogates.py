@@ -6,7 +6,9 @@
   staircase with zero derivative almost everywhere, next to its smooth surrogates.
 - :func:`surrogate_vs_exact` / :func:`bound_summary` / :func:`bounds_figure`: per-query surrogate
   against the exact metric on random and on clustered ("trained-like") batches; the SupRank-based
-  surrogates (HAPPIER's H-AP, SupAP, SupNDCG) never exceed the exact value.
+  surrogates of H-AP, AP and NDCG (HAPPIER, SupAP, SupNDCG) never exceed the exact value. SupRank's
+  recall@k surrogate (SupRecall) is compared both with the exact recall@k and with the
+  sigmoid recall of the exact ranks, the one it bounds (:data:`DOCUMENTED_BOUNDS`).
 - :func:`decomposability_experiment` / :func:`decomposability_figure`: batch AP against dataset AP
   when embeddings are optimised with SupAP alone or with ROADMAP (SupAP + calibration).
 """
@@ -30,7 +32,7 @@ from hapkit.losses.listwise_ap import ListwiseAP
 from hapkit.losses.rank import DEFAULT_STEP, heaviside_step, sigmoid_step, upper_step
 from hapkit.losses.roadmap import ROADMAP, SupAP
 from hapkit.losses.smoothap import SmoothAP
-from hapkit.losses.suprank import SupNDCG
+from hapkit.losses.suprank import SupNDCG, SupRecall
 
 __all__ = [
     "STEP_DEFAULTS",
@@ -41,8 +43,13 @@ __all__ = [
     "ap_along_score_figure",
     "random_batch",
     "clustered_batch",
+    "SURROGATE_LOSSES",
+    "DEFAULT_SURROGATES",
+    "DOCUMENTED_BOUNDS",
+    "recall_at_ks",
     "surrogate_vs_exact",
     "bound_summary",
+    "bound_checks",
     "bounds_figure",
     "decomposability_experiment",
     "decomposability_figure",
@@ -257,8 +264,40 @@ def clustered_batch(batch_size=64, dim=16, samples_per_class=4, coarse_classes=2
     return F.normalize(x, dim=1), labels
 
 
-def _pairs_for_batch(emb: torch.Tensor, labels: torch.Tensor) -> list[tuple]:
+SURROGATE_LOSSES = ("HAPPIER", "SupAP", "SupNDCG", "SupRecall", "Smooth-AP", "ListwiseAP")
+DEFAULT_SURROGATES = ("HAPPIER", "SupAP", "SupNDCG", "Smooth-AP", "ListwiseAP")
+
+# metric names of the recall@k pairs
+RECALL = "R@k"
+SIGMOID_RECALL = "sigmoid R@k of the exact ranks"
+
+# (loss, metric) pairs where the surrogate is documented never to exceed the metric (query by
+# query): rank~ >= rank term by term, and each metric decreases with the ranks. SupRecall bounds the
+# sigmoid recall of the exact ranks (the same outer sigmoid), not the exact recall@k itself.
+DOCUMENTED_BOUNDS = (("HAPPIER", "H-AP"), ("SupAP", "AP"), ("SupNDCG", "NDCG"), ("SupRecall", SIGMOID_RECALL))
+
+
+def recall_at_ks(scores: torch.Tensor, positives: torch.Tensor, ks=(1, 2, 4, 8, 16), temp: float | None = None):
+    """(Q,) recall@k in SupRank's form, averaged over ``ks``: the positives within the first k
+    divided by min(|P|, k). Ranks count ties as ahead (rank(j) = #{i : s_i >= s_j}), as the SupRank
+    rank does. With ``temp``, the indicator rank(j) <= k is replaced by sigmoid((k - rank(j)) /
+    temp), the outer relaxation of SupRecall applied to the exact ranks. Queries without a
+    positive get 0."""
+    scores = scores.to(torch.float64)
+    rank = (scores[:, None, :] >= scores[:, :, None]).sum(-1).to(torch.float64)  # (Q, M): rank of item j
+    n_pos = positives.sum(1).to(torch.float64)
+    out = torch.zeros(scores.shape[0], dtype=torch.float64)
+    for k in ks:
+        hit = (rank <= k).to(torch.float64) if temp is None else sigmoid_step(k - rank, temp)
+        out = out + torch.where(positives, hit, 0.0).sum(1) / n_pos.clamp(max=k).clamp(min=1)
+    return out / len(ks)
+
+
+def _pairs_for_batch(emb: torch.Tensor, labels: torch.Tensor, losses=DEFAULT_SURROGATES) -> list[tuple]:
     """(loss, metric, surrogate per query, exact per query), the query in its own ranking."""
+    unknown = set(losses) - set(SURROGATE_LOSSES)
+    if unknown:
+        raise ValueError(f"unknown surrogate(s) {sorted(unknown)}; choose among {', '.join(SURROGATE_LOSSES)}")
     scores = emb @ emb.T
     V = shared_levels(labels, labels)
     L = labels.shape[1]
@@ -266,27 +305,40 @@ def _pairs_for_batch(emb: torch.Tensor, labels: torch.Tensor) -> list[tuple]:
     exact_ap = metrics.average_precision(scores, positives).numpy()
     out = []
     with torch.no_grad():
-        hap, _ = HAPLoss().per_query(emb, labels)
-        rel = relevance(V, L, "pop")
-        exact_hap = metrics.h_average_precision(scores, rel, V).numpy()
-        out.append(("HAPPIER", "H-AP", hap.numpy(), exact_hap))
-        out.append(("SupAP", "AP", SupAP().per_query(emb, labels)[0].numpy(), exact_ap))
-        out.append(("SupNDCG", "NDCG", SupNDCG().per_query(emb, labels)[0].numpy(),
-                    metrics.ndcg(scores, V).numpy()))
-        out.append(("Smooth-AP", "AP", SmoothAP().per_query(emb, labels)[0].numpy(), exact_ap))
-        out.append(("ListwiseAP", "AP", ListwiseAP.from_preset("suprank").per_query(emb, labels)[0].numpy(),
-                    exact_ap))
+        for name in losses:
+            if name == "HAPPIER":
+                hap, _ = HAPLoss().per_query(emb, labels)
+                rel = relevance(V, L, "pop")
+                out.append(("HAPPIER", "H-AP", hap.numpy(), metrics.h_average_precision(scores, rel, V).numpy()))
+            elif name == "SupAP":
+                out.append(("SupAP", "AP", SupAP().per_query(emb, labels)[0].numpy(), exact_ap))
+            elif name == "SupNDCG":
+                out.append(("SupNDCG", "NDCG", SupNDCG().per_query(emb, labels)[0].numpy(),
+                            metrics.ndcg(scores, V).numpy()))
+            elif name == "SupRecall":
+                loss = SupRecall()
+                sur = loss.per_query(emb, labels)[0].numpy()
+                out.append(("SupRecall", RECALL, sur, recall_at_ks(scores, positives, loss.ks).numpy()))
+                out.append(("SupRecall", SIGMOID_RECALL, sur,
+                            recall_at_ks(scores, positives, loss.ks, temp=loss.temp).numpy()))
+            elif name == "Smooth-AP":
+                out.append(("Smooth-AP", "AP", SmoothAP().per_query(emb, labels)[0].numpy(), exact_ap))
+            elif name == "ListwiseAP":
+                out.append(("ListwiseAP", "AP", ListwiseAP.from_preset("suprank").per_query(emb, labels)[0].numpy(),
+                            exact_ap))
     return out
 
 
 def surrogate_vs_exact(num_batches: int = 4, batch_size: int = 64, dim: int = 16,
                        samples_per_class: int = 4, coarse_classes: int = 2, spread: float = 0.6,
-                       seed: int = 0, progress: bool = False) -> pd.DataFrame:
+                       seed: int = 0, progress: bool = False,
+                       losses: Sequence[str] = DEFAULT_SURROGATES) -> pd.DataFrame:
     """Per-query surrogate and exact metric on random and clustered batches (long table).
 
-    Columns: batch_kind, batch, loss, metric, query, surrogate, exact. Each surrogate is compared
-    with the exact metric it relaxes, on the same batch and with the same ranking (the query is
-    its own top-ranked positive, as in training).
+    Columns: batch_kind, batch, loss, metric, query, surrogate, exact. Each surrogate of
+    ``losses`` (names of :data:`SURROGATE_LOSSES`) is compared with the exact metric it relaxes, on
+    the same batch and with the same ranking (the query is its own top-ranked positive, as in
+    training); SupRecall with two (:data:`DOCUMENTED_BOUNDS`).
     """
     makers: dict[str, Callable] = {"random": random_batch, "clustered": clustered_batch}
     rows = []
@@ -297,7 +349,7 @@ def surrogate_vs_exact(num_batches: int = 4, batch_size: int = 64, dim: int = 16
         if kind == "clustered":
             kwargs["spread"] = spread
         emb, labels = makers[kind](**kwargs)
-        for loss, metric, sur, exact in _pairs_for_batch(emb, labels):
+        for loss, metric, sur, exact in _pairs_for_batch(emb, labels, losses):
             rows.append(pd.DataFrame({
                 "batch_kind": kind, "batch": b, "loss": loss, "metric": metric,
                 "query": np.arange(len(sur)), "surrogate": sur.astype(float), "exact": exact,
@@ -315,14 +367,22 @@ def bound_summary(df: pd.DataFrame, tol: float = 1e-6) -> pd.DataFrame:
                  queries=("above", "size")).reset_index()
 
 
+def bound_checks(summary: pd.DataFrame) -> pd.Series:
+    """For each (loss, metric) of :data:`DOCUMENTED_BOUNDS` in a :func:`bound_summary` table:
+    True when the surrogate exceeds the metric on no query."""
+    pairs = [p for p in DOCUMENTED_BOUNDS if ((summary.loss == p[0]) & (summary.metric == p[1])).any()]
+    return pd.Series({f"{loss} <= {metric}": bool(summary.loc[(summary.loss == loss) & (summary.metric == metric),
+                                                              "queries_above"].sum() == 0)
+                      for loss, metric in pairs}, name="bound holds", dtype=bool)
+
+
 def bounds_figure(df: pd.DataFrame) -> go.Figure:
-    """Scatter of surrogate against exact value per query, one panel per loss."""
-    losses = list(dict.fromkeys(df.loss))
-    fig = make_subplots(rows=1, cols=len(losses), subplot_titles=[
-        f"{loss} ({df.loc[df.loss == loss, 'metric'].iloc[0]})" for loss in losses])
+    """Scatter of surrogate against exact value per query, one panel per (loss, metric)."""
+    pairs = list(dict.fromkeys(zip(df.loss, df.metric)))
+    fig = make_subplots(rows=1, cols=len(pairs), subplot_titles=[f"{loss} ({metric})" for loss, metric in pairs])
     colors = {"random": "#7f7f7f", "clustered": "#2ca02c"}
-    for i, loss in enumerate(losses, start=1):
-        for kind, part in df[df.loss == loss].groupby("batch_kind", sort=False):
+    for i, (loss, metric) in enumerate(pairs, start=1):
+        for kind, part in df[(df.loss == loss) & (df.metric == metric)].groupby("batch_kind", sort=False):
             fig.add_trace(go.Scatter(x=part.exact, y=part.surrogate, mode="markers", name=kind,
                                      marker={"size": 4, "color": colors.get(kind), "opacity": 0.6},
                                      legendgroup=kind, showlegend=i == 1), row=1, col=i)
@@ -331,7 +391,7 @@ def bounds_figure(df: pd.DataFrame) -> go.Figure:
         fig.update_xaxes(title_text="exact", range=[0, 1.02], row=1, col=i)
         fig.update_yaxes(range=[0, 1.02], row=1, col=i)
     fig.update_yaxes(title_text="surrogate", row=1, col=1)
-    fig.update_layout(template="plotly_white", height=340, width=260 * len(losses) + 80)
+    fig.update_layout(template="plotly_white", height=340, width=260 * len(pairs) + 80)
     return fig
 
 
