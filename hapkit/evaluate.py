@@ -1243,7 +1243,10 @@ def extract_multiscale_embeddings(
     model, loader, scales: Sequence[float] = (1.0, 2**-0.5, 0.5), power: float = 3.0, **kwargs
 ):
     """:func:`extract_embeddings` with every batch embedded at several scales
-    (:func:`multiscale_embeddings`); ``kwargs`` go to :func:`extract_embeddings`."""
+    (:func:`multiscale_embeddings`); ``kwargs`` go to :func:`extract_embeddings`. ``scales`` None
+    or ``(1,)``: the plain single-scale embedding."""
+    if scales is None or tuple(scales) == (1,):
+        return extract_embeddings(model, loader, **kwargs)
     return extract_embeddings(_MultiScale(model, scales, power), loader, **kwargs)
 
 

@@ -151,3 +151,21 @@ def test_unwhitened_embeddings_leave_the_whitening_in_place():
     raw, _ = unwhitened_embeddings(model, loader, progress=False)
     assert model.whitening is w and raw.shape == (12, w.in_dim)
     torch.testing.assert_close(fit_pca_whitening(raw, power=0.25).projection, w.projection)
+
+
+def test_unwhitened_embeddings_at_several_scales_are_the_multiscale_embeddings_without_whitening():
+    from hapkit.evaluate import extract_multiscale_embeddings
+    from hapkit.training.whitening import remove_whitening, unwhitened_embeddings
+
+    torch.manual_seed(0)
+    model = small_model()
+    images = torch.rand(12, 3, 32, 32)
+    loader = [(images[i:i + 6], torch.zeros(6, 1, dtype=torch.long)) for i in range(0, 12, 6)]
+    w = learn_whitening(model, loader, power=0.25, progress=False, scales=(1.0, 0.5))
+    raw, _ = unwhitened_embeddings(model, loader, progress=False, scales=(1.0, 0.5))
+    assert model.whitening is w
+    expected, _ = extract_multiscale_embeddings(remove_whitening(model), loader, scales=(1.0, 0.5), progress=False)
+    torch.testing.assert_close(raw, expected)
+    single, _ = unwhitened_embeddings(model, loader, progress=False)
+    assert not torch.allclose(raw, single)  # the scales were used
+    torch.testing.assert_close(fit_pca_whitening(raw, power=0.25).projection, w.projection)

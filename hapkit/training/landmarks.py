@@ -17,7 +17,6 @@ from hapkit.evaluate import (
     RetrievalResults,
     alpha_query_expansion,
     evaluate_revisited,
-    extract_embeddings,
     extract_multiscale_embeddings,
 )
 
@@ -26,11 +25,8 @@ __all__ = ["embed_landmark_set", "evaluate_landmark_set", "learn_recipe_whitenin
 
 def _embed(model, dataset, batch_size, device, scales, power, progress, amp=True, num_workers=0) -> torch.Tensor:
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    if scales is None or tuple(scales) == (1,):
-        emb, _ = extract_embeddings(model, loader, device=device, amp=amp, progress=progress)
-    else:
-        emb, _ = extract_multiscale_embeddings(model, loader, scales=scales, power=power, device=device, amp=amp,
-                                               progress=progress)
+    emb, _ = extract_multiscale_embeddings(model, loader, scales=scales, power=power, device=device, amp=amp,
+                                           progress=progress)
     return emb
 
 
@@ -83,18 +79,13 @@ def learn_recipe_whitening(model, cfg, train_set, device=None, progress: bool = 
     """
     from hapkit.data import spread_subset
     from hapkit.data.builder import recipe_transform, with_transform
-    from hapkit.training.whitening import PCAWhitening, attach_whitening, fit_pca_whitening, remove_whitening
+    from hapkit.training.whitening import learn_whitening
 
     spec = cfg.train.whitening
     data = train_set
     if hasattr(data, "transform"):  # the test transform: the whitening sees what the benchmarks see
         data = with_transform(data, recipe_transform(cfg.data, train=False))
-    data = spread_subset(data, spec.max_items)
-    if isinstance(getattr(model, "whitening", None), PCAWhitening):
-        remove_whitening(model)
-    amp = cfg.train.amp != "none"
-    embeddings = _embed(model, data, cfg.data.eval_batch_size, device, cfg.eval.scales, cfg.eval.scale_power,
-                        progress, amp, cfg.data.num_workers)
-    whitening = fit_pca_whitening(embeddings, power=spec.power, dim=spec.dim, normalize_input=True)
-    attach_whitening(model, whitening)
-    return whitening
+    loader = torch.utils.data.DataLoader(spread_subset(data, spec.max_items), batch_size=cfg.data.eval_batch_size,
+                                         shuffle=False, num_workers=cfg.data.num_workers)
+    return learn_whitening(model, loader, power=spec.power, dim=spec.dim, device=device, progress=progress,
+                           scales=cfg.eval.scales, scale_power=cfg.eval.scale_power, amp=cfg.train.amp != "none")

@@ -160,25 +160,31 @@ def remove_whitening(model: nn.Module) -> nn.Module:
     return model
 
 
-def unwhitened_embeddings(model: nn.Module, loader, device=None, progress: bool = True):
+def unwhitened_embeddings(model: nn.Module, loader, device=None, progress: bool = True, scales=None,
+                          scale_power: float = 3.0, amp: bool = True):
     """Embeddings and labels of ``loader`` by ``model`` without its whitening (what
     :func:`fit_pca_whitening` learns from), the model's whitening left in place: several
-    whitenings (powers, subsets) can be fitted from one pass over the images."""
-    from hapkit.evaluate import extract_embeddings
+    whitenings (powers, subsets) can be fitted from one pass over the images. ``scales``: a
+    multi-scale embedding combined with the power mean of ``scale_power`` (None: one scale), as
+    the benchmarks are embedded."""
+    from hapkit.evaluate import extract_multiscale_embeddings
 
     previous, size = getattr(model, "whitening", None), model.embedding_size
     model.whitening, model.embedding_size = nn.Identity(), _unwhitened_size(model)
     try:
-        return extract_embeddings(model, loader, device=device, progress=progress)
+        return extract_multiscale_embeddings(model, loader, scales=scales, power=scale_power, device=device, amp=amp,
+                                             progress=progress)
     finally:
         model.whitening, model.embedding_size = previous, size
 
 
 def learn_whitening(model: nn.Module, loader, power: float = REVAUD_POWER, dim: int | None = None, device=None,
-                    progress: bool = True) -> PCAWhitening:
-    """Embed ``loader`` (a training set) with ``model`` without whitening, fit a PCA-whitening on
-    those embeddings and attach it to the model (replacing any previous one); return it."""
-    embeddings, _ = unwhitened_embeddings(model, loader, device=device, progress=progress)
+                    progress: bool = True, scales=None, scale_power: float = 3.0, amp: bool = True) -> PCAWhitening:
+    """Embed ``loader`` (a training set) with ``model`` without whitening
+    (:func:`unwhitened_embeddings`), fit a PCA-whitening on those embeddings and attach it to the
+    model (replacing any previous one); return it."""
+    embeddings, _ = unwhitened_embeddings(model, loader, device=device, progress=progress, scales=scales,
+                                          scale_power=scale_power, amp=amp)
     whitening = fit_pca_whitening(embeddings, power=power, dim=dim, normalize_input=True)
     attach_whitening(model, whitening)
     return whitening
