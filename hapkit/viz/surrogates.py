@@ -293,6 +293,33 @@ def recall_at_ks(scores: torch.Tensor, positives: torch.Tensor, ks=(1, 2, 4, 8, 
     return out / len(ks)
 
 
+def _hap_pairs(emb, labels, exact):
+    hap, _ = HAPLoss().per_query(emb, labels)
+    rel = relevance(exact["V"], labels.shape[1], "pop")
+    return [("H-AP", hap, metrics.h_average_precision(exact["scores"], rel, exact["V"]))]
+
+
+def _recall_pairs(emb, labels, exact):
+    loss = SupRecall()
+    sur = loss.per_query(emb, labels)[0]
+    return [(RECALL, sur, recall_at_ks(exact["scores"], exact["positives"], loss.ks)),
+            (SIGMOID_RECALL, sur, recall_at_ks(exact["scores"], exact["positives"], loss.ks, temp=loss.temp))]
+
+
+# loss name -> (emb, labels, exact quantities) -> [(metric, surrogate per query, exact per query)]
+_PAIRS: dict[str, Callable] = {
+    "HAPPIER": _hap_pairs,
+    "SupAP": lambda emb, labels, exact: [("AP", SupAP().per_query(emb, labels)[0], exact["AP"])],
+    "SupNDCG": lambda emb, labels, exact: [("NDCG", SupNDCG().per_query(emb, labels)[0],
+                                            metrics.ndcg(exact["scores"], exact["V"]))],
+    "SupRecall": _recall_pairs,
+    "Smooth-AP": lambda emb, labels, exact: [("AP", SmoothAP().per_query(emb, labels)[0], exact["AP"])],
+    "ListwiseAP": lambda emb, labels, exact: [("AP", ListwiseAP.from_preset("suprank").per_query(emb, labels)[0],
+                                               exact["AP"])],
+}
+assert set(_PAIRS) == set(SURROGATE_LOSSES)
+
+
 def _pairs_for_batch(emb: torch.Tensor, labels: torch.Tensor, losses=DEFAULT_SURROGATES) -> list[tuple]:
     """(loss, metric, surrogate per query, exact per query), the query in its own ranking."""
     unknown = set(losses) - set(SURROGATE_LOSSES)
@@ -300,33 +327,11 @@ def _pairs_for_batch(emb: torch.Tensor, labels: torch.Tensor, losses=DEFAULT_SUR
         raise ValueError(f"unknown surrogate(s) {sorted(unknown)}; choose among {', '.join(SURROGATE_LOSSES)}")
     scores = emb @ emb.T
     V = shared_levels(labels, labels)
-    L = labels.shape[1]
     positives = labels[:, None, 0] == labels[None, :, 0]
-    exact_ap = metrics.average_precision(scores, positives).numpy()
-    out = []
+    exact = {"scores": scores, "V": V, "positives": positives, "AP": metrics.average_precision(scores, positives)}
     with torch.no_grad():
-        for name in losses:
-            if name == "HAPPIER":
-                hap, _ = HAPLoss().per_query(emb, labels)
-                rel = relevance(V, L, "pop")
-                out.append(("HAPPIER", "H-AP", hap.numpy(), metrics.h_average_precision(scores, rel, V).numpy()))
-            elif name == "SupAP":
-                out.append(("SupAP", "AP", SupAP().per_query(emb, labels)[0].numpy(), exact_ap))
-            elif name == "SupNDCG":
-                out.append(("SupNDCG", "NDCG", SupNDCG().per_query(emb, labels)[0].numpy(),
-                            metrics.ndcg(scores, V).numpy()))
-            elif name == "SupRecall":
-                loss = SupRecall()
-                sur = loss.per_query(emb, labels)[0].numpy()
-                out.append(("SupRecall", RECALL, sur, recall_at_ks(scores, positives, loss.ks).numpy()))
-                out.append(("SupRecall", SIGMOID_RECALL, sur,
-                            recall_at_ks(scores, positives, loss.ks, temp=loss.temp).numpy()))
-            elif name == "Smooth-AP":
-                out.append(("Smooth-AP", "AP", SmoothAP().per_query(emb, labels)[0].numpy(), exact_ap))
-            elif name == "ListwiseAP":
-                out.append(("ListwiseAP", "AP", ListwiseAP.from_preset("suprank").per_query(emb, labels)[0].numpy(),
-                            exact_ap))
-    return out
+        return [(name, metric, torch.as_tensor(sur).numpy(), torch.as_tensor(ex).numpy())
+                for name in losses for metric, sur, ex in _PAIRS[name](emb, labels, exact)]
 
 
 def surrogate_vs_exact(num_batches: int = 4, batch_size: int = 64, dim: int = 16,
