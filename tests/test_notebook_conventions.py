@@ -49,7 +49,9 @@ def test_exercises_with_hidden_checked_solutions(path):
         assert i > headings[0], "solutions come after the Exercises heading"
         assert c["cell_type"] == "code"
         assert c["metadata"].get("jupyter", {}).get("source_hidden") is True, f"solution cell {i} is not collapsed"
-        assert c["text"].startswith("# NBVAL_CHECK_OUTPUT\n"), f"solution cell {i} is not checked by nbval"
+        # the marker names a cell whose output is part of the story; nbval compares it only when a
+        # notebook is stored executed, so the solutions check themselves (assert / check_claims)
+        assert c["text"].startswith("# NBVAL_CHECK_OUTPUT\n"), f"solution cell {i} does not start with the marker"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
