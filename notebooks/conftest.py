@@ -8,11 +8,12 @@ queue, and the cell fails although it ran. The cell's own execution limit
 (``--nbval-cell-timeout``) is unaffected.
 """
 
+from nbval.plugin import IPyNbCell
+
 OUTPUT_WAIT_S = 120
 
 
 def pytest_collection_modifyitems(items):
     for item in items:
-        # nbval's IPyNbCell keeps the wait as an instance attribute set in its constructor.
-        if type(item).__name__ == "IPyNbCell" and hasattr(item, "output_timeout"):
+        if isinstance(item, IPyNbCell):
             item.output_timeout = max(item.output_timeout, OUTPUT_WAIT_S)
