@@ -25,13 +25,15 @@ def lazy_exports(package: str, where: dict[str, str]):
 
 
 def require_extra(extra: str, *modules: str, what: str) -> None:
-    """Raise an ImportError that names the pip extra to install when one of ``modules`` is
+    """Raise a :class:`~hapkit.errors.MissingExtraError` (an ImportError) that names the pip extra to install when one of ``modules`` is
     missing: the core install is the library alone, the notebooks' tools are extras."""
     from importlib.util import find_spec
 
     missing = [m for m in modules if find_spec(m) is None]
     if missing:
-        raise ImportError(
+        from hapkit.errors import MissingExtraError
+
+        raise MissingExtraError(
             f"{what} needs {', '.join(missing)}, which hapkit's {extra!r} extra installs: "
             f"pip install 'hapkit[{extra}]' (or `make setup`, which installs every extra)"
         )

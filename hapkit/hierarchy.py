@@ -17,6 +17,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from hapkit.errors import HapkitError
+
 __all__ = [
     "LabelError",
     "as_label_tensor",
@@ -31,7 +33,7 @@ __all__ = [
 RELEVANCE_KINDS = ("pop", "map")
 
 
-class LabelError(ValueError):
+class LabelError(HapkitError, ValueError):
     """Raised for label arrays that are not (N, L) non-negative integer trees."""
 
 

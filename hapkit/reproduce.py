@@ -27,6 +27,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
+from hapkit.errors import HapkitError
 from hapkit._lazy import require_extra
 from hapkit.results import METRICS_FILE, collect_runs, summarize, write_summary
 
@@ -83,7 +84,7 @@ class RunSpec:
         return (self.run_dir / METRICS_FILE).is_file()
 
 
-class DataNotPrepared(RuntimeError):
+class DataNotPrepared(HapkitError, RuntimeError):
     """Datasets of a grid that are not prepared; the message gives the command for each."""
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from hapkit.errors import HapkitError
 from hapkit.hierarchy import as_label_tensor
 
 __all__ = [
@@ -39,7 +40,7 @@ __all__ = [
 ]
 
 
-class DataError(RuntimeError):
+class DataError(HapkitError, RuntimeError):
     """Base class of the errors raised by :mod:`hapkit.data`."""
 
 

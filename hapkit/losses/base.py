@@ -26,6 +26,7 @@ from pytorch_metric_learning.distances import DotProductSimilarity
 from pytorch_metric_learning.losses import BaseMetricLossFunction
 from torch.utils.checkpoint import checkpoint
 
+from hapkit.errors import HapkitError
 from hapkit.hierarchy import as_label_tensor
 
 __all__ = [
@@ -45,7 +46,7 @@ __all__ = [
 ]
 
 
-class NoPositiveError(ValueError):
+class NoPositiveError(HapkitError, ValueError):
     """A batch in which no query has a positive: the sampler must put several images per class."""
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hapkit.errors import HapkitError
+
 __all__ = [
     "CheckpointError",
     "save_atomic",
@@ -29,7 +31,7 @@ __all__ = [
 ]
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(HapkitError, RuntimeError):
     """A checkpoint file exists but cannot be read (truncated, corrupted, not a checkpoint)."""
 
 

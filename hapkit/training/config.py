@@ -19,6 +19,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
+from hapkit.errors import HapkitError
 from hapkit.data.transforms import TestTransform, TrainTransform
 
 __all__ = [
@@ -45,7 +46,7 @@ __all__ = [
 GROUPS = ("backbone", "head", "net", "loss")
 
 
-class ConfigError(ValueError):
+class ConfigError(HapkitError, ValueError):
     """A recipe or override that does not fit the configuration schema."""
 
 

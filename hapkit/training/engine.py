@@ -41,6 +41,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hapkit.data import build_eval_sets, build_train_set, spread_subset
+from hapkit.errors import NonFiniteError
 from hapkit.losses.base import HapkitLoss
 from hapkit.training.checkpoint import (
     load_resumable,
@@ -88,10 +89,6 @@ CONFIG_NAME = "config.yaml"
 # Recipe keys that may differ between a checkpoint and the recipe that resumes it.
 RESUMABLE_CHANGES = ("train.epochs", "train.log_every", "train.checkpoint_every", "train.device",
                      "data.num_workers", "data.root", "data.eval_batch_size", "eval.")
-
-
-class NonFiniteError(FloatingPointError):
-    """The loss or the embeddings became NaN or infinite."""
 
 
 class Callback:

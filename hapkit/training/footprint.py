@@ -37,6 +37,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from hapkit.errors import HapkitError
+
 __all__ = [
     "StepFootprint",
     "FootprintError",
@@ -50,7 +52,7 @@ __all__ = [
 LEVEL_FACTORS = (1, 4, 16)  # synthetic hierarchy: fine classes, groups of 4, groups of 16
 
 
-class FootprintError(RuntimeError):
+class FootprintError(HapkitError, RuntimeError):
     """The measuring process failed (out of memory, a recipe the synthetic data cannot train...)."""
 
 

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hapkit.errors import HapkitError
+
 __all__ = [
     "GeM",
     "build_pooling",
@@ -51,7 +53,7 @@ TORCHVISION_RESNETS = {
 BACKBONES = (*TORCHVISION_RESNETS, "small_cnn", "deit_small_distilled", "timm:<name>")
 
 
-class PretrainedWeightsError(RuntimeError):
+class PretrainedWeightsError(HapkitError, RuntimeError):
     """ImageNet weights were required but could not be loaded."""
 
 
