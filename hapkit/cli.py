@@ -29,15 +29,20 @@ def _add_train(sub) -> None:
         "train",
         help="train a model from a recipe",
         description=(
-            "Train an embedding model from a recipe (a YAML file in hapkit/recipes, see "
-            "`hapkit recipes`). The run directory receives config.yaml (the resolved recipe), "
-            "metrics.jsonl (one line per epoch) and checkpoint.pt (updated every epoch). "
+            "Train an embedding model from a recipe (a bundled recipe, see `hapkit recipes`, or a "
+            "YAML file). The run directory receives config.yaml (the resolved recipe), run.json "
+            "(this command: recipe, overrides, data root, seed, device, versions), metrics.jsonl "
+            "(one line per epoch) and checkpoint.pt (verified, updated every epoch, the previous "
+            "one kept). A directory that holds a run is never trained over: continue it with "
+            "--resume (`hapkit train --out DIR --resume` restores every option of the run) or move "
+            "it aside with --overwrite. "
             "Several GPUs: launch with `torchrun --nproc_per_node=N -m hapkit train ...`."
         ),
         epilog="example: hapkit train --recipe happier --dataset generated --set train.epochs=5",
     )
-    p.add_argument("--recipe", required=True,
-                   help="recipe name (e.g. happier_sop), a method with --dataset (e.g. happier), or a YAML path")
+    p.add_argument("--recipe", default=None,
+                   help="recipe name (e.g. happier_sop), a method with --dataset (e.g. happier), or a YAML path; "
+                        "optional with --resume (the run directory records it)")
     p.add_argument("--dataset", default=None, help="dataset to pair with a method name (generated, sop, inat_base, ...)")
     p.add_argument("--data-root", default=None, help="folder holding the prepared dataset (see `hapkit prepare-data`)")
     p.add_argument("--out", default=None, help="run directory (default: runs/<recipe>-seed<seed>)")
@@ -45,7 +50,10 @@ def _add_train(sub) -> None:
                    help="override a recipe value, e.g. --set optim.lr=1e-5 --set train.epochs=3 (repeatable)")
     p.add_argument("--seed", type=int, default=None, help="random seed (same as --set seed=N)")
     p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its checkpoint (starts fresh if there is none)")
+                   help="continue the run in --out with the options it was started with (starts fresh if there is "
+                        "none); --set may change only what continuing allows (more epochs, device, workers, eval)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="train from scratch even if --out holds a run: the old run is moved to <out>.replaced-<time>")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -141,24 +149,66 @@ def build_parser() -> argparse.ArgumentParser:
     from hapkit import __version__
 
     parser.add_argument("--version", action="version", version=f"hapkit {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in (_add_train, _add_evaluate, _add_reproduce, _add_prepare, _add_recipes):
         add(sub)
+    for command in sub.choices.values():  # --debug after the command too; SUPPRESS keeps the top-level value
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="show the full traceback of an error")
     return parser
 
 
 # ------------------------------------------------------------------------------- commands
 
 
-def _cmd_train(args) -> int:
-    from hapkit.training.engine import Trainer
+def _train_setup(args):
+    """(recipe, run directory, invocation record) of a ``hapkit train`` command. With --resume the
+    run directory's record is the base and the command's options change it where continuing allows
+    (the engine refuses the rest, naming each difference)."""
+    from hapkit.training.config import ConfigError, Recipe, apply_overrides, from_dict
     from hapkit.training.recipes import load_recipe
+    from hapkit.training.rundir import claim_run_dir, holds_run, read_invocation, recorded_recipe
 
     overrides = list(args.overrides)
     if args.seed is not None:
         overrides.append(f"seed={args.seed}")
+    if args.resume and args.overwrite:
+        raise ConfigError("--resume continues the run in --out and --overwrite replaces it: choose one")
+    recorded = recorded_recipe(args.out) if args.resume and args.out and holds_run(args.out) else None
+    if recorded is not None:
+        record = read_invocation(args.out) or {}
+        if args.recipe is not None:
+            asked = load_recipe(args.recipe, args.dataset, []).name
+            if asked != recorded.get("name"):
+                raise ConfigError(
+                    f"--recipe {args.recipe} names {asked}, but the run in {args.out} trains {recorded.get('name')}: "
+                    f"drop --recipe to resume it, or train {asked} into another --out"
+                )
+        if args.data_root is not None:
+            overrides.append(f"data.root={args.data_root}")
+        cfg = apply_overrides(from_dict(Recipe, recorded), overrides)
+        invocation = {k: record[k] for k in ("recipe_arg", "dataset", "overrides") if k in record}
+        return cfg, Path(args.out), invocation
+    if args.recipe is None:
+        where = f"{args.out} holds no run to resume" if args.resume and args.out else "no run directory to resume"
+        raise ConfigError(f"--recipe is required ({where}): e.g. hapkit train --recipe happier_generated")
     cfg = load_recipe(args.recipe, args.dataset, overrides)
-    trainer = Trainer(cfg, out_dir=args.out, data_root=args.data_root, progress=not args.no_progress)
+    if args.data_root is not None:
+        cfg = apply_overrides(cfg, [f"data.root={args.data_root}"])
+    out = Path(args.out) if args.out is not None else Path("runs") / f"{cfg.name}-seed{cfg.seed}"
+    if not args.overwrite:
+        claim_run_dir(out)  # refuse before the model and data are built
+    invocation = {"recipe_arg": args.recipe, "dataset": args.dataset, "overrides": overrides}
+    return cfg, out, invocation
+
+
+def _cmd_train(args) -> int:
+    from hapkit.training.engine import Trainer
+    from hapkit.training.rundir import resume_command
+
+    cfg, out, invocation = _train_setup(args)
+    trainer = Trainer(cfg, out_dir=out, progress=not args.no_progress, invocation=invocation)
 
     def stop(signum, frame):  # preemption (SLURM, spot instances): checkpoint and exit cleanly
         print(f"signal {signum}: checkpointing and stopping", file=sys.stderr)
@@ -170,13 +220,15 @@ def _cmd_train(args) -> int:
     from hapkit.training.distributed import shutdown_distributed
 
     try:
-        result = trainer.fit(resume=args.resume)
+        result = trainer.fit(resume=args.resume, overwrite=args.overwrite)
     finally:
         shutdown_distributed()
     if trainer.dist.is_main:
+        for key, (before, after) in trainer.resumed_changes.items():
+            print(f"resumed with {key}: {before!r} -> {after!r}")
         if result.interrupted:
-            print(f"stopped at step {result.global_step}; resume with: hapkit train --recipe {args.recipe}"
-                  + (f" --dataset {args.dataset}" if args.dataset else "") + f" --out {result.run_dir} --resume")
+            print(f"stopped at step {result.global_step}; resume with: "
+                  f"{resume_command(result.run_dir, trainer.dist.world_size)}")
         _print_metrics(result.metrics)
         print(f"run directory: {result.run_dir}")
     return 0
@@ -283,13 +335,14 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    from hapkit.training.checkpoint import CheckpointError
-    from hapkit.training.config import ConfigError
+    from hapkit.errors import HapkitError
 
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, FileNotFoundError, CheckpointError) as e:
-        # bad recipe values, missing datasets or checkpoints: the message says what to do
+    except (HapkitError, FileNotFoundError) as e:
+        # bad settings or input, missing data, checkpoints, extras or devices: the message says what to do
+        if args.debug:
+            raise
         print(f"hapkit {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 __all__ = [
     "HapkitError",
     "InputError",
+    "MissingFileError",
     "MissingExtraError",
     "DeviceUnavailableError",
     "NonFiniteError",
@@ -24,6 +25,10 @@ class HapkitError(Exception):
 
 class InputError(HapkitError, ValueError):
     """An argument of a public function is not what it must be (shape, dtype, range, finiteness)."""
+
+
+class MissingFileError(HapkitError, FileNotFoundError):
+    """A file or folder hapkit was pointed at does not exist (a checkpoint, a results file, ...)."""
 
 
 class MissingExtraError(HapkitError, ImportError):

@@ -27,7 +27,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
-from hapkit.errors import HapkitError
+from hapkit.errors import HapkitError, MissingFileError
 from hapkit._lazy import require_extra
 from hapkit.results import METRICS_FILE, collect_runs, summarize, write_summary
 
@@ -59,7 +59,7 @@ def find_notebook(name: str = TRAINING_NOTEBOOK) -> Path:
         path = base / "notebooks" / name
         if path.is_file():
             return path
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"notebooks/{name} not found next to the hapkit package or in {Path.cwd()}: run from a "
         f"clone of the repository, or pass --notebook PATH"
     )

@@ -31,6 +31,8 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from hapkit.errors import MissingFileError
+
 __all__ = [
     "ClaimNotMet",
     "check_claims",
@@ -103,7 +105,7 @@ def read_metrics(path) -> dict:
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise FileNotFoundError(f"no {METRICS_FILE} at {path}") from None
+        raise MissingFileError(f"no {METRICS_FILE} at {path}") from None
     except ValueError as e:
         raise ValueError(f"{path} is not valid JSON ({e}); delete it and run again") from None
     if not isinstance(data, dict) or not isinstance(data.get("metrics"), dict):

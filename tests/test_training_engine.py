@@ -441,7 +441,7 @@ def test_resume_survives_a_truncated_checkpoint(tmp_path):
     # both files unreadable: the error names the file and says what to do
     ckpt.write_bytes(b"not a checkpoint")
     previous_path(ckpt).write_bytes(b"nor this")
-    with pytest.raises(CheckpointError, match=r"checkpoint.*checkpoint\.pt cannot be read.*new output directory"):
+    with pytest.raises(CheckpointError, match=r"checkpoint.*checkpoint\.pt is damaged.*new output directory"):
         run(tmp_path / "cut", "eval.every=0", "eval.at_end=false", resume=True)
 
 

@@ -44,7 +44,8 @@ from hapkit.data import build_eval_sets, build_train_set, spread_subset
 from hapkit.errors import NonFiniteError
 from hapkit.losses.base import HapkitLoss
 from hapkit.training.checkpoint import (
-    load_resumable,
+    CHECKPOINT_NAME,
+    load_verified,
     previous_path,
     rng_state,
     save_atomic,
@@ -64,6 +65,14 @@ from hapkit.training.config import network_groups
 from hapkit.training.loading import make_train_loader
 from hapkit.training.memory import TrainingMemory
 from hapkit.training.models import build_model
+from hapkit.training.rundir import (
+    CONFIG_NAME,
+    METRICS_NAME,
+    claim_run_dir,
+    new_invocation,
+    read_invocation,
+    write_invocation,
+)
 from hapkit.training.optim import build_optimizers
 from hapkit.training.whitening import PCAWhitening, ensure_whitening, remove_whitening
 
@@ -81,10 +90,6 @@ __all__ = [
     "loss_names",
     "CHECKPOINT_NAME",
 ]
-
-CHECKPOINT_NAME = "checkpoint.pt"
-METRICS_NAME = "metrics.jsonl"
-CONFIG_NAME = "config.yaml"
 
 # Recipe keys that may differ between a checkpoint and the recipe that resumes it.
 RESUMABLE_CHANGES = ("train.epochs", "train.log_every", "train.checkpoint_every", "train.device",
@@ -367,6 +372,12 @@ def read_history(run_dir) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _lookup(tree: dict, dotted: str):
+    for part in dotted.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
 def _flat_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     keys = []
     for k in sorted(set(a) | set(b)):
@@ -397,6 +408,8 @@ class Trainer:
     callbacks : :class:`Callback` instances.
     stop_after_steps : checkpoint and stop after this many optimiser steps in total (to split a
         long run into jobs, or to test resumption).
+    invocation : what the caller was asked (the command line's recipe, dataset and overrides),
+        recorded in ``run.json`` with the seed, data root, device and versions.
     """
 
     def __init__(
@@ -409,6 +422,7 @@ class Trainer:
         progress: bool = True,
         callbacks: Iterable[Callback] = (),
         stop_after_steps: int | None = None,
+        invocation: dict | None = None,
     ):
         if data_root is not None:
             cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(data_root)))
@@ -416,6 +430,8 @@ class Trainer:
         self.progress = progress
         self.callbacks = list(callbacks)
         self.stop_after_steps = stop_after_steps
+        self.invocation = invocation
+        self.resumed_changes: dict[str, tuple] = {}  # recipe key -> (checkpoint's value, this run's)
         self._stop_requested = False
         self.dist: DistContext = init_distributed(cfg.train.device)
         self.device = self.dist.device
@@ -518,13 +534,22 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        diff = _flat_diff(state["recipe"], to_dict(self.cfg))
+        now = to_dict(self.cfg)
+        diff = _flat_diff(state["recipe"], now)
         blocking = [k for k in diff if not any(k == r or (r.endswith(".") and k.startswith(r)) for r in RESUMABLE_CHANGES)]
         if blocking:
+            shown = ", ".join(f"{k} {_lookup(state['recipe'], k)!r} -> {_lookup(now, k)!r}" for k in blocking)
             raise ConfigError(
-                f"cannot resume: the checkpoint in {self.run_dir} was trained with a different "
-                f"recipe ({', '.join(blocking)} differ). Use another output directory for a new run."
+                f"cannot resume the run in {self.run_dir} with a different recipe ({shown}); only "
+                f"{', '.join(r.rstrip('.') for r in RESUMABLE_CHANGES)} may change on resume. "
+                f"Drop those settings, or train into another --out."
             )
+        if self.cfg.train.epochs < state["epoch"]:
+            raise ConfigError(
+                f"cannot resume the run in {self.run_dir} with train.epochs={self.cfg.train.epochs}: it has "
+                f"already trained {state['epoch']} epochs; ask for {state['epoch']} or more"
+            )
+        self.resumed_changes = {k: (_lookup(state["recipe"], k), _lookup(now, k)) for k in diff}
         ensure_whitening(self.model, state["model"])
         self.model.load_state_dict(state["model"])
         if state["epoch"] < self.cfg.train.epochs and isinstance(self.model.whitening, PCAWhitening):
@@ -678,24 +703,42 @@ class Trainer:
             f"precision (--set train.amp=none)."
         )
 
+    def _new_invocation(self) -> dict:
+        return new_invocation(to_dict(self.cfg), str(self.device), self.dist.world_size, self.invocation)
+
     def _lrs(self) -> dict:
         return {f"lr/{g}": o.param_groups[0]["lr"] for g, o in self.optimizers.items()}
 
-    def fit(self, resume: bool = False) -> TrainResult:
-        """Train to ``cfg.train.epochs`` (continuing from the run's checkpoint if ``resume``)."""
+    def fit(self, resume: bool = False, overwrite: bool = False) -> TrainResult:
+        """Train to ``cfg.train.epochs``, continuing from the run's checkpoint if ``resume``.
+
+        Without ``resume``, a run directory that already holds a run is refused
+        (:class:`hapkit.training.rundir.RunExistsError`) unless ``overwrite``, which moves the old
+        run aside (``<dir>.replaced-<date>-<time>``) instead of deleting it."""
         cfg = self.cfg
         if resume and (self.checkpoint_path.is_file() or previous_path(self.checkpoint_path).is_file()):
-            state, _ = load_resumable(self.checkpoint_path, map_location=self.device)
+            state, _ = load_verified(self.checkpoint_path, map_location=self.device)
             self.load_state_dict(state)
             self._trim_metrics_log()
-        elif self.dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / METRICS_NAME).write_text("")
+            record = read_invocation(self.run_dir) or self._new_invocation()
+            record.setdefault("resumes", []).append({
+                "at_step": self.global_step,
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "changes": {k: list(v) for k, v in self.resumed_changes.items()},
+            })
+        else:
+            claim_run_dir(self.run_dir, overwrite=overwrite, main_process=self.dist.is_main)
+            barrier(self.dist)
+            record = self._new_invocation()
+            if self.dist.is_main:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                (self.run_dir / METRICS_NAME).write_text("")
         if self.dist.is_main:
             import yaml
 
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / CONFIG_NAME).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            write_invocation(self.run_dir, record)
         barrier(self.dist)
 
         self.sampler.set_epoch(self.epoch)
@@ -872,10 +915,12 @@ def train(
     stop_after_steps: int | None = None,
     train_set=None,
     eval_sets=None,
+    overwrite: bool = False,
 ) -> TrainResult:
-    """Train a recipe end to end; see :class:`Trainer` for the arguments."""
+    """Train a recipe end to end; see :class:`Trainer` for the arguments and
+    :meth:`Trainer.fit` for ``resume`` and ``overwrite``."""
     trainer = Trainer(
         cfg, out_dir=out_dir, data_root=data_root, train_set=train_set, eval_sets=eval_sets,
         progress=progress, callbacks=callbacks, stop_after_steps=stop_after_steps,
     )
-    return trainer.fit(resume=resume)
+    return trainer.fit(resume=resume, overwrite=overwrite)

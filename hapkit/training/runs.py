@@ -32,12 +32,20 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
+from hapkit.errors import MissingFileError
 from hapkit.data import EmbeddingSet, build_split, build_train_set, spread_indices
 from hapkit.data.base import default_cache_dir
 from hapkit.data.builder import evaluation_split, recipe_transform, with_transform
 from hapkit.evaluate import extract_embeddings
 from hapkit.results import headline_metrics, write_metrics
-from hapkit.training.checkpoint import load_checkpoint, rng_state, seed_everything, set_rng_state
+from hapkit.training.checkpoint import (
+    CheckpointError,
+    checkpoint_file,
+    load_verified,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
 from hapkit.training.config import Recipe, apply_overrides, from_dict, to_dict
 from hapkit.training.models import build_model
 from hapkit.training.whitening import ensure_whitening
@@ -139,14 +147,9 @@ def load_model(checkpoint, device=None):
     Returns ``(model, cfg)``, the model in eval mode on ``device`` (default CPU). The weights come
     from the checkpoint, so no ImageNet weights are fetched.
     """
-    from hapkit.training.engine import CHECKPOINT_NAME
-
-    path = Path(checkpoint)
-    if path.is_dir():
-        path = path / CHECKPOINT_NAME
-    state = load_checkpoint(path)
+    state, path = load_verified(checkpoint)
     if "model" not in state or "recipe" not in state:
-        raise ValueError(f"{path} is not a hapkit training checkpoint (it has no 'model' and 'recipe' entries)")
+        raise CheckpointError(f"{path} is not a hapkit training checkpoint (it has no 'model' and 'recipe' entries)")
     cfg = from_dict(Recipe, state["recipe"])
     model = build_model(dataclasses.replace(cfg.model, pretrained=False))
     ensure_whitening(model, state["model"])  # a whitening learned after training (landmark recipes)
@@ -161,14 +164,11 @@ def load_loss(checkpoint, data_root=None, dataset_options: Mapping | None = None
     with ``data_root`` / ``dataset_options`` as for training), then given the checkpoint's loss
     state: learned proxies, class weights, a learned hierarchy and its record.
     """
-    from hapkit.training.engine import CHECKPOINT_NAME, build_loss
+    from hapkit.training.engine import build_loss
 
-    path = Path(checkpoint)
-    if path.is_dir():
-        path = path / CHECKPOINT_NAME
-    state = load_checkpoint(path)
+    state, path = load_verified(checkpoint)
     if "loss" not in state or "recipe" not in state:
-        raise ValueError(f"{path} is not a hapkit training checkpoint (it has no 'loss' and 'recipe' entries)")
+        raise CheckpointError(f"{path} is not a hapkit training checkpoint (it has no 'loss' and 'recipe' entries)")
     cfg = from_dict(Recipe, state["recipe"])
     train_labels = build_train_set(cfg.data, root=data_root, options=dataset_options).labels
     # the loss was sized by the built model (a model without a linear head embeds its pooled features)
@@ -348,13 +348,10 @@ def trained_embeddings(
     if checkpoint is None and runs_dir is not None:
         checkpoint = grid_run(runs_dir, resolve_recipe(recipe, epochs, seed, overrides).name, seed)
     if checkpoint is not None:
-        from hapkit.training.engine import CHECKPOINT_NAME
-
-        path = Path(checkpoint)
-        file = path / CHECKPOINT_NAME if path.is_dir() else path
+        file = checkpoint_file(checkpoint)
         if not file.is_file():
-            raise FileNotFoundError(f"no checkpoint at {file}: pass a checkpoint.pt written by `hapkit train` or its run folder")
-        cfg = from_dict(Recipe, load_checkpoint(file)["recipe"])
+            raise MissingFileError(f"no checkpoint at {file}: pass a checkpoint.pt written by `hapkit train` or its run folder")
+        cfg = from_dict(Recipe, load_verified(file)[0]["recipe"])
         return _cached_embeddings(
             file.parent, f"checkpoint-{_checkpoint_tag(file)}", lambda: load_model(file, device)[0], cfg, split,
             max_items, data_root, device, progress, dataset_options, source="checkpoint",
