@@ -40,8 +40,7 @@ OUT_OF_RANGE = [
     ("model.dropout=1", "model.dropout=1.0: must be a number in [0, 1)"),
     ("model.dropout=-0.1", "model.dropout=-0.1: must be a number in [0, 1)"),
     ("model.width=0", "model.width=0: must be an integer >= 1"),
-    ("optim.lr=0", "optim.lr=0.0: must be a number > 0"),
-    ("optim.lr=-1e-4", "optim.lr=-0.0001: must be a number > 0"),
+    ("optim.lr=-1e-4", "optim.lr=-0.0001: must be a number >= 0"),
     ("optim.weight_decay=-1e-4", "optim.weight_decay=-0.0001: must be a number >= 0"),
     ("optim.momentum=1", "optim.momentum=1.0: must be a number in [0, 1)"),
     ("optim.momentum=-0.5", "optim.momentum=-0.5: must be a number in [0, 1)"),
@@ -50,7 +49,7 @@ OUT_OF_RANGE = [
     ("optim.gamma=0", "optim.gamma=0.0: must be a number > 0"),
     ("optim.grad_clip=0", "optim.grad_clip=0.0: must be a number > 0 or null (no clipping)"),
     ("optim.grad_clip=-10", "optim.grad_clip=-10.0: must be a number > 0 or null"),
-    ("optim.backbone.lr=0", "optim.backbone.lr=0.0: must be a number > 0 or null (inherits the optim value)"),
+    ("optim.backbone.lr=-1e-5", "optim.backbone.lr=-1e-05: must be a number >= 0 or null (inherits the optim value)"),
     ("optim.head.weight_decay=-1", "optim.head.weight_decay=-1.0: must be a number >= 0 or null"),
     ("optim.loss.momentum=1.5", "optim.loss.momentum=1.5: must be a number in [0, 1) or null"),
     ("optim.backbone.eta_min=-1", "optim.backbone.eta_min=-1.0: must be a number >= 0 or null"),
@@ -89,7 +88,8 @@ BETWEEN_FIELDS = [
 
 # the edges of the ranges, and values a stricter rule might wrongly refuse
 IN_RANGE = [
-    "optim.momentum=0", "optim.weight_decay=0", "optim.eta_min=0", "optim.grad_clip=null", "optim.grad_clip=10",
+    "optim.lr=0", "optim.backbone.lr=0", "optim.momentum=0", "optim.weight_decay=0", "optim.eta_min=0",
+    "optim.grad_clip=null", "optim.grad_clip=10",
     "optim.backbone.lr=null", "optim.milestones=[]", "data.num_workers=0", "data.max_per_class=null",
     "data.train_transform.scale=[1,1]", "data.train_transform.padding=0", "data.test_transform.crop=null",
     "model.dropout=0", "train.warmup_epochs=9", "train.sub_batch=1", "train.sub_batch=1000", "train.sub_batch=null",
@@ -160,8 +160,8 @@ def test_apply_overrides_checks_the_result():
     cfg = load_recipe(BASE)
     with pytest.raises(ConfigError, match=r"train.epochs=-1: must be an integer >= 1"):
         apply_overrides(cfg, ["train.epochs=-1"])
-    with pytest.raises(ConfigError, match=r"optim.lr=0.0: must be a number > 0"):
-        apply_overrides(cfg, {"optim.lr": 0})
+    with pytest.raises(ConfigError, match=r"optim.lr=-1.0: must be a number >= 0"):
+        apply_overrides(cfg, {"optim.lr": -1})
 
 
 def test_a_recipe_built_in_python_can_be_checked():

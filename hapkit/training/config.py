@@ -397,7 +397,7 @@ RANGES: dict[type, dict[str, Range]] = {
         "width": Range(lo=1),
     },
     GroupConfig: {
-        "lr": Range(lo=0, lo_open=True, null=_INHERIT),
+        "lr": Range(lo=0, null=_INHERIT),  # 0 keeps a group's weights as built (a frozen group)
         "weight_decay": Range(lo=0, null=_INHERIT),
         "momentum": Range(lo=0, hi=1, hi_open=True, null=_INHERIT),
         "eta_min": Range(lo=0, null=_INHERIT),
@@ -406,7 +406,7 @@ RANGES: dict[type, dict[str, Range]] = {
         "gamma": Range(lo=0, lo_open=True, null=_INHERIT),
     },
     OptimConfig: {
-        "lr": Range(lo=0, lo_open=True),
+        "lr": Range(lo=0),  # 0: nothing moves, the network stays as built; below 0 would climb the loss
         "weight_decay": Range(lo=0),
         "momentum": Range(lo=0, hi=1, hi_open=True),
         "eta_min": Range(lo=0),
