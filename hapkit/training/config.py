@@ -3,7 +3,10 @@
 A recipe has the sections ``data``, ``model``, ``loss``, ``optim``, ``train`` and ``eval`` plus a
 few top-level fields. Every value is type-checked against the dataclass annotation, both when a
 YAML file is read and when a command-line override such as ``--set optim.lr=1e-5`` is applied;
-unknown keys are errors that name the key and list the valid ones.
+unknown keys are errors that name the key and list the valid ones. Numeric values must also lie in
+their range (:data:`RANGES`, with the rules between fields of :data:`CROSS_CHECKS`): a recipe is
+checked whole by :func:`validate_recipe` once read and again once overridden, and one
+:class:`ConfigError` names every key that is out of range.
 
 Optimiser settings cascade: ``optim.<field>`` is the default of every parameter group and
 ``optim.backbone.<field>``, ``optim.head.<field>`` or ``optim.loss.<field>`` overrides it for one
@@ -37,6 +40,9 @@ __all__ = [
     "from_dict",
     "to_dict",
     "apply_overrides",
+    "validate_recipe",
+    "Range",
+    "RANGES",
     "parse_override",
     "group_settings",
     "network_groups",
@@ -300,6 +306,251 @@ class Recipe:
     reported: dict = field(default_factory=dict)  # published numbers, summary key -> value (%)
 
 
+# ------------------------------------------------------------------------------ value ranges
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric field accepts: bounds ``lo`` / ``hi`` (closed unless ``lo_open`` /
+    ``hi_open``); ``null`` says what null means where null is allowed. For a list field the bounds
+    hold for every element; ``nonempty`` asks for at least one element and ``pair`` for exactly
+    two, ``[min, max]`` with min <= max."""
+
+    lo: Optional[float] = None
+    hi: Optional[float] = None
+    lo_open: bool = False
+    hi_open: bool = False
+    null: Optional[str] = None
+    nonempty: bool = False
+    pair: bool = False
+
+    def _in_bounds(self, x) -> bool:
+        if self.lo is not None and not (x > self.lo if self.lo_open else x >= self.lo):
+            return False
+        if self.hi is not None and not (x < self.hi if self.hi_open else x <= self.hi):
+            return False
+        return True
+
+    def accepts(self, value) -> bool:
+        if value is None:
+            return self.null is not None
+        if isinstance(value, list):
+            if (self.nonempty and not value) or (self.pair and (len(value) != 2 or value[0] > value[1])):
+                return False
+            return all(self._in_bounds(v) for v in value)
+        return self._in_bounds(value)
+
+    def describe(self, integer: bool, is_list: bool) -> str:
+        if self.lo is not None and self.hi is not None:
+            bounds = f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+        elif self.lo is not None:
+            bounds = f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        elif self.hi is not None:
+            bounds = f"{'<' if self.hi_open else '<='} {self.hi:g}"
+        else:
+            bounds = ""
+        if self.pair:
+            text = f"a pair [min, max] of numbers {bounds} with min <= max"
+        elif is_list:
+            kind = "integers" if integer else "numbers"
+            text = f"a {'non-empty ' if self.nonempty else ''}list of {kind} {bounds}"
+        else:
+            text = f"{'an integer' if integer else 'a number'} {bounds}"
+        return text.rstrip() + (f" or null ({self.null})" if self.null is not None else "")
+
+
+_INHERIT = "inherits the optim value"
+
+# Each range follows what the code does with the value; values the code would take without failing
+# but with no sensible effect (0 epochs train nothing and save no checkpoint) are refused too.
+# Not here: fields their class's __post_init__ checks (train.whitening, eval.scales, ...), the label
+# columns (eval.columns: negative ones count from the coarsest, the dataset decides which exist) and
+# loss.kwargs (the loss constructors check them).
+RANGES: dict[type, dict[str, Range]] = {
+    TrainTransform: {
+        "resize": Range(lo=1, null="no resize"),
+        "crop": Range(lo=1),
+        # fractions of the image area: above 1 RandomResizedCrop falls back to a centre crop
+        "scale": Range(lo=0, hi=1, lo_open=True, pair=True),
+        "ratio": Range(lo=0, lo_open=True, pair=True),
+        "padding": Range(lo=0, null="crop // 8"),  # generated kind only; 0: no padding
+    },
+    TestTransform: {
+        "resize": Range(lo=1, null="no resize"),
+        "crop": Range(lo=1, null="no crop"),
+    },
+    DataConfig: {
+        "batch_size": Range(lo=1),
+        "samples_per_class": Range(lo=1),
+        "super_classes_per_batch": Range(lo=1),
+        "batches_per_super_tuple": Range(lo=1),
+        # column 0 holds the fine classes the sampler draws inside each super-class
+        "sampler_column": Range(lo=1),
+        "max_per_class": Range(lo=1, null="every image of a class"),
+        "num_workers": Range(lo=0),
+        "eval_batch_size": Range(lo=1),
+    },
+    ModelConfig: {
+        "gem_p": Range(lo=0, lo_open=True),  # the pooled feature is mean(x^p)^(1/p)
+        "embedding_size": Range(lo=1),
+        "dropout": Range(lo=0, hi=1, hi_open=True),  # 1 would zero every feature
+        "width": Range(lo=1),
+    },
+    GroupConfig: {
+        "lr": Range(lo=0, null=_INHERIT),  # 0 keeps a group's weights as built (a frozen group)
+        "weight_decay": Range(lo=0, null=_INHERIT),
+        "momentum": Range(lo=0, hi=1, hi_open=True, null=_INHERIT),
+        "eta_min": Range(lo=0, null=_INHERIT),
+        # schedules step at the end of each epoch, so a milestone of 0 would never be reached
+        "milestones": Range(lo=1, null=_INHERIT),
+        "gamma": Range(lo=0, lo_open=True, null=_INHERIT),
+    },
+    OptimConfig: {
+        "lr": Range(lo=0),  # 0: nothing moves, the network stays as built; below 0 would climb the loss
+        "weight_decay": Range(lo=0),
+        "momentum": Range(lo=0, hi=1, hi_open=True),
+        "eta_min": Range(lo=0),
+        "milestones": Range(lo=1),
+        "gamma": Range(lo=0, lo_open=True),
+        # the engine skips clipping when this is falsy, so 0 would mean off; a negative norm flips the gradients
+        "grad_clip": Range(lo=0, lo_open=True, null="no clipping"),
+    },
+    MemoryConfig: {
+        "size": Range(lo=0),
+        "activate_after": Range(lo=0),
+        "weight": Range(lo=0),
+    },
+    TrainConfig: {
+        "epochs": Range(lo=1),
+        "warmup_epochs": Range(lo=0),
+        # multistage_backward takes any positive slice size (the last slice may be shorter)
+        "sub_batch": Range(lo=1, null="the network sees the whole batch"),
+        "log_every": Range(lo=1),  # the engine would read 0 or less as 1
+        "checkpoint_every": Range(lo=0),
+    },
+    EvalConfig: {
+        "every": Range(lo=0),
+        "ks": Range(lo=1, nonempty=True),
+        "max_items": Range(lo=1, null="every item"),
+    },
+    # the samplers seed numpy's SeedSequence, which takes non-negative integers only
+    Recipe: {"seed": Range(lo=0)},
+}
+
+
+def _show(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, list):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    return str(value)
+
+
+def _numeric_kind(tp) -> tuple[bool, bool]:
+    """(integer, is_list) of a numeric annotation such as ``Optional[list[int]]``."""
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    is_list = typing.get_origin(tp) is list
+    if is_list:
+        (tp,) = typing.get_args(tp)
+    return tp is int, is_list
+
+
+def _range_problems(obj, where: str = "") -> list[tuple[str, str]]:
+    """(dotted key, message) for every field of ``obj`` and its sections outside its range."""
+    problems = []
+    rules = RANGES.get(type(obj), {})
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{where}.{f.name}" if where else f.name
+        if dataclasses.is_dataclass(value):
+            problems += _range_problems(value, key)
+        elif f.name in rules and not rules[f.name].accepts(value):
+            integer, is_list = _numeric_kind(hints[f.name])
+            problems.append((key, f"{key}={_show(value)}: must be {rules[f.name].describe(integer, is_list)}"))
+    return problems
+
+
+def _batch_fits_sampler(cfg: Recipe) -> Optional[str]:
+    d = cfg.data
+    if d.sampler == "m_per_class":
+        unit = d.samples_per_class
+        what = (f"data.samples_per_class={unit} (the m_per_class sampler fills a batch with whole "
+                f"classes of samples_per_class images)")
+    else:
+        unit = d.super_classes_per_batch * d.samples_per_class
+        what = (f"data.super_classes_per_batch * data.samples_per_class = {unit} (the hierarchical "
+                f"sampler splits a batch evenly between its super-classes, each part in whole classes "
+                f"of samples_per_class images)")
+    if d.batch_size % unit:
+        return f"data.batch_size={d.batch_size}: must be a multiple of {what}; {d.batch_size} is not divisible by {unit}"
+    return None
+
+
+def _max_per_class_fits(cfg: Recipe) -> Optional[str]:
+    d = cfg.data
+    if d.sampler == "m_per_class" and d.max_per_class is not None and d.max_per_class < d.samples_per_class:
+        return (f"data.max_per_class={d.max_per_class}: must be >= data.samples_per_class={d.samples_per_class} "
+                f"or null (every image of a class): a class gives groups of samples_per_class images")
+    return None
+
+
+def _warmup_ends(cfg: Recipe) -> Optional[str]:
+    t = cfg.train
+    if t.warmup_epochs >= t.epochs:
+        return (f"train.warmup_epochs={t.warmup_epochs}: must be < train.epochs={t.epochs} (a warm-up over "
+                f"the whole run never trains the frozen groups nor starts the schedules); lower it, e.g. "
+                f"train.warmup_epochs=0, or raise train.epochs")
+    return None
+
+
+def _memory_holds_a_batch(cfg: Recipe) -> Optional[str]:
+    size, batch = cfg.train.memory.size, cfg.data.batch_size
+    if 0 < size < batch:
+        return (f"train.memory.size={size}: must be 0 (no memory) or >= data.batch_size={batch} "
+                f"(the memory holds at least one global batch)")
+    return None
+
+
+def _device_parses(cfg: Recipe) -> Optional[str]:
+    import torch
+
+    spec = cfg.train.device
+    if spec == "auto":
+        return None
+    try:
+        torch.device(spec)
+    except (RuntimeError, TypeError):
+        return f"train.device={spec}: must be auto or a torch device such as cpu, cuda or cuda:1"
+    return None
+
+
+# rules between fields: the keys they read (skipped when one of them is already out of range)
+CROSS_CHECKS = [
+    (("data.batch_size", "data.samples_per_class", "data.super_classes_per_batch"), _batch_fits_sampler),
+    (("data.max_per_class", "data.samples_per_class"), _max_per_class_fits),
+    (("train.warmup_epochs", "train.epochs"), _warmup_ends),
+    (("train.memory.size", "data.batch_size"), _memory_holds_a_batch),
+    (("train.device",), _device_parses),
+]
+
+
+def validate_recipe(cfg: Recipe) -> Recipe:
+    """Return ``cfg`` when every value is in its range (:data:`RANGES`, :data:`CROSS_CHECKS`), else
+    raise one :class:`ConfigError` naming every bad key, its value and the values it accepts."""
+    problems = _range_problems(cfg)
+    bad = {key for key, _ in problems}
+    for keys, check in CROSS_CHECKS:
+        if not bad.intersection(keys):
+            message = check(cfg)
+            if message:
+                problems.append((keys[0], message))
+    if problems:
+        raise ConfigError("; ".join(message for _, message in problems))
+    return cfg
+
+
 # ---------------------------------------------------------------------------- type checking
 
 
@@ -464,7 +715,8 @@ def apply_overrides(cfg: Recipe, overrides) -> Recipe:
     """Return a copy of ``cfg`` with ``key=value`` overrides applied and type-checked.
 
     ``overrides`` is an iterable of ``"a.b=v"`` strings or a mapping ``{"a.b": v}``. Keys below
-    ``loss.kwargs`` are free-form (checked later against the loss constructor).
+    ``loss.kwargs`` are free-form (checked later against the loss constructor). The result is
+    checked whole by :func:`validate_recipe`.
     """
     if not overrides:
         return cfg
@@ -497,7 +749,7 @@ def apply_overrides(cfg: Recipe, overrides) -> Recipe:
                 else:
                     raise ConfigError(f"{where} is a value, not a section: use {where}=<value>")
                 node = node[part]
-    return from_dict(Recipe, data)
+    return validate_recipe(from_dict(Recipe, data))
 
 
 def network_groups(optim: OptimConfig) -> tuple[str, ...]:

@@ -20,6 +20,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from hapkit.errors import DeviceUnavailableError
+
 __all__ = [
     "DistContext",
     "init_distributed",
@@ -53,6 +55,12 @@ def _pick_device(spec: str, local_rank: int) -> torch.device:
     if spec == "auto":
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        # torch's own error (from set_device or the first tensor moved) speaks of its build or driver
+        raise DeviceUnavailableError(
+            f"train.device={spec} but torch sees no CUDA GPU on this machine: use --set train.device=cpu "
+            f"(or auto); for hapkit evaluate, --device cpu"
+        )
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank)
     return device
@@ -63,6 +71,7 @@ def init_distributed(device: str = "auto") -> DistContext:
 
     Without ``WORLD_SIZE`` > 1 this is a single-process context. The backend is NCCL on CUDA and
     gloo on CPU. Calling it again in a process whose group is already initialised reuses the group.
+    A CUDA ``device`` on a machine where torch sees no GPU is a :class:`DeviceUnavailableError`.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))

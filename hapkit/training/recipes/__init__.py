@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from hapkit.training.config import ConfigError, Recipe, apply_overrides, from_dict
+from hapkit.training.config import ConfigError, Recipe, apply_overrides, from_dict, validate_recipe
 
 __all__ = [
     "RECIPE_DIR",
@@ -129,7 +129,7 @@ def published_numbers() -> "pd.DataFrame":
 
 
 def load_recipe(recipe: str, dataset: str | None = None, overrides=None) -> Recipe:
-    """Read, type-check and override a recipe.
+    """Read, type-check, range-check and override a recipe (the overridden recipe is checked again).
 
     ``recipe`` is a bundled name (``"happier_sop"``), a method with ``dataset`` (``"happier"``,
     ``"sop"``) or a path to a YAML file. ``overrides`` are ``"section.key=value"`` strings or a
@@ -137,7 +137,7 @@ def load_recipe(recipe: str, dataset: str | None = None, overrides=None) -> Reci
     """
     data = read_recipe_dict(recipe, dataset)
     try:
-        cfg = from_dict(Recipe, data)
+        cfg = validate_recipe(from_dict(Recipe, data))
     except ConfigError as e:
         raise ConfigError(f"recipe {data.get('name', recipe)!r}: {e}") from None
     return apply_overrides(cfg, overrides)
