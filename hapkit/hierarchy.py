@@ -47,9 +47,21 @@ def as_label_tensor(labels, name: str = "labels", check: bool = True) -> torch.T
     if isinstance(labels, torch.Tensor):
         t = labels
     else:
-        arr = np.asarray(labels)
+        try:
+            arr = np.asarray(labels)
+        except (ValueError, TypeError):  # ragged nested lists
+            arr = np.empty(0, dtype=object)
         if arr.dtype == object:
-            raise LabelError(f"{name} must be a rectangular integer array, got ragged/object data")
+            raise LabelError(
+                f"{name} must be a rectangular array of integer ids below 2**63, got ragged, "
+                f"too large or non-numeric data"
+            )
+        if arr.dtype.kind not in "biuf":
+            raise LabelError(f"{name} must have an integer dtype, got {arr.dtype}")
+        if arr.dtype.kind == "u" and arr.dtype.itemsize == 8:
+            if arr.size and int(arr.max()) >= 2**63:
+                raise LabelError(f"{name} holds ids of 2**63 or more: re-index them below 2**63 (e.g. np.unique(column, return_inverse=True)[1])")
+            arr = arr.astype(np.int64)
         t = torch.from_numpy(arr.copy()) if arr.size else torch.from_numpy(arr)
     if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
         if t.dtype.is_floating_point and t.numel() and bool(torch.all(t == t.round())):

@@ -100,10 +100,23 @@ class HapkitLoss(BaseMetricLossFunction):
     takes_reference_set: ClassVar[bool] = True
     has_parameters: ClassVar[bool] = False
     parameter_group: ClassVar[str] = "loss"
-    #: Refuse NaN / infinite ``embeddings`` and ``ref_emb`` with a NonFiniteError. The test costs a
-    #: host synchronisation per call: a training loop that watches the loss itself (the engine
-    #: does, once every few steps) sets it to False on its instance.
-    check_finite: bool = True
+    _check_finite: bool = True
+
+    @property
+    def check_finite(self) -> bool:
+        """Refuse NaN / infinite ``embeddings`` and ``ref_emb`` with a NonFiniteError (default).
+
+        The test costs a host synchronisation per call: a training loop that watches the loss
+        itself (the engine does, once every few steps) sets it to False on its instance, which
+        also sets it on the losses this one is made of (HAPPIER's, ROADMAP's parts).
+        """
+        return self._check_finite
+
+    @check_finite.setter
+    def check_finite(self, value: bool) -> None:
+        for module in self.modules():
+            if isinstance(module, HapkitLoss):
+                object.__setattr__(module, "_check_finite", bool(value))
 
     def get_default_distance(self):
         # What every hapkit loss computes: dot products of L2-normalised embeddings.
@@ -183,6 +196,10 @@ def prepare_inputs(
     if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2:
         shape = tuple(embeddings.shape) if isinstance(embeddings, torch.Tensor) else type(embeddings)
         raise InputError(f"{loss_name}: embeddings must be a (B, D) tensor, got {shape}")
+    if embeddings.shape[0] == 0:
+        # a mean over no item is NaN (or the proxy losses' silent 0): refuse it here, once for all
+        raise InputError(f"{loss_name}: embeddings is an empty batch (0 rows); give at least one item, "
+                         f"e.g. DataLoader(..., drop_last=True) to drop a short last batch")
     device = embeddings.device
     labels = as_label_tensor(labels, name=f"{loss_name} labels").to(device)
     if labels.shape[0] != embeddings.shape[0]:
