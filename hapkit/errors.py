@@ -39,5 +39,8 @@ class DeviceUnavailableError(HapkitError, RuntimeError):
     """The requested device (e.g. ``cuda``) does not exist on this machine."""
 
 
-class NonFiniteError(HapkitError, FloatingPointError):
-    """Embeddings or a loss became NaN or infinite."""
+class NonFiniteError(HapkitError, FloatingPointError, ValueError):
+    """Embeddings or a loss became NaN or infinite.
+
+    A ValueError too: the evaluation refused non-finite embeddings with one before this class
+    existed, and code that catches it keeps working."""

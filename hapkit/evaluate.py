@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from hapkit.errors import InputError
 from hapkit.hierarchy import (
     LabelError,
     as_label_tensor,
@@ -49,6 +50,7 @@ from hapkit.hierarchy import (
     level_relevance,
     relevance as relevance_fn,
 )
+from hapkit.inputs import check_finite
 from hapkit.metrics import RankedRelevant, Workspace, neighbour_agreement, rank_by_labels, rank_relevant, top1_failures
 
 __all__ = [
@@ -148,10 +150,10 @@ def _resolve_metrics(metrics) -> set[str]:
         m = str(m)
         fam = "AP#" if m.startswith("AP#") else "R@k" if m.startswith("R@") else "ASI@" if m.startswith("ASI@") else m
         if fam not in known:
-            raise ValueError(f"unknown metric {m!r}; choose among {known}")
+            raise InputError(f"unknown metric {m!r}; choose among {known}")
         out.add(fam)
     if not out:
-        raise ValueError(f"metrics is empty; choose among {known} (or None for {list(METRIC_FAMILIES)})")
+        raise InputError(f"metrics is empty; choose among {known} (or None for {list(METRIC_FAMILIES)})")
     return out
 
 
@@ -164,7 +166,7 @@ def _resolve_columns(columns, num_levels: int) -> list[int]:
     for c in columns:
         c = int(c)
         if not -num_levels <= c < num_levels:
-            raise ValueError(f"label column {c} does not exist: the labels have {num_levels} level(s), 0 (finest) .. {num_levels - 1}")
+            raise InputError(f"label column {c} does not exist: the labels have {num_levels} level(s), 0 (finest) .. {num_levels - 1}")
         out.append(c % num_levels)
     return sorted(set(out))
 
@@ -174,35 +176,36 @@ def _resolve_ks(ks) -> list[int]:
         ks = [ks]
     ks = sorted({int(k) for k in ks})
     if not ks or ks[0] < 1:
-        raise ValueError(f"ks must be positive integers, got {ks}")
+        raise InputError(f"ks must be positive integers, got {ks}")
     return ks
 
 
 def _as_embeddings(x, name: str) -> torch.Tensor:
     t = torch.as_tensor(x) if not isinstance(x, torch.Tensor) else x
     if t.dim() != 2:
-        raise ValueError(f"{name} must be a 2-D (N, D) array, got shape {tuple(t.shape)}")
+        raise InputError(f"{name} must be a 2-D (N, D) array, got shape {tuple(t.shape)}")
     if not t.dtype.is_floating_point:
-        raise ValueError(f"{name} must be floating point, got {t.dtype}")
-    bad = ~torch.isfinite(t)
-    if bool(bad.any()):
-        rows = bad.any(1).nonzero().flatten()
-        raise ValueError(
-            f"{name} contain {int(bad.sum())} non-finite value(s) (NaN/inf) in {rows.numel()} of {t.shape[0]} "
-            f"row(s), first at row {int(rows[0])}; a ranking of them is undefined. Check the model "
-            f"(diverged training, fp16 overflow) or drop those rows."
-        )
-    return t
+        raise InputError(f"{name} must be floating point, got {t.dtype}")
+    check_finite(t, name)
+    # Metrics are not differentiable: like torchmetrics, take model outputs as they come, without
+    # asking for torch.no_grad (the ranking writes into preallocated buffers, which autograd refuses).
+    return t.detach()
 
 
 def _counts_at_levels(q_labels: torch.Tensor, g_labels: torch.Tensor, exclude: torch.Tensor | None) -> torch.Tensor:
     """(Q, L) number of gallery items sharing each query's label in each column, the item each
     query leaves out of its ranking (``exclude``, -1: none) not counted."""
     out = []
+    Q = q_labels.shape[0]
     for c in range(q_labels.shape[1]):
-        size = int(max(q_labels[:, c].max(), g_labels[:, c].max())) + 1
-        per_class = torch.bincount(g_labels[:, c], minlength=size)
-        out.append(per_class[q_labels[:, c]])
+        q_col, g_col = q_labels[:, c], g_labels[:, c]
+        size = int(max(q_col.max(), g_col.max())) + 1
+        if size > Q + g_col.shape[0]:
+            # Sparse ids (up to 2**63 - 1) would make a huge bincount: count their ranks instead.
+            dense = torch.unique(torch.cat([q_col, g_col]), return_inverse=True)[1]
+            q_col, g_col, size = dense[:Q], dense[Q:], Q + g_col.shape[0]
+        per_class = torch.bincount(g_col, minlength=size)
+        out.append(per_class[q_col])
     counts = torch.stack(out, 1)
     if exclude is not None:
         left_out = exclude >= 0
@@ -365,19 +368,19 @@ def _check_gallery_exclude(gallery_exclude, num_queries: int, num_gallery: int, 
     if gallery_exclude is None:
         return torch.arange(num_queries) if same_set else None
     if same_set:
-        raise ValueError(
+        raise InputError(
             "gallery_exclude needs a separate gallery (gallery_embeddings / gallery_labels): in the "
             "same-set protocol each query already leaves itself out"
         )
     ex = torch.as_tensor(gallery_exclude)
     if ex.dtype.is_floating_point or ex.dtype == torch.bool or ex.shape != (num_queries,):
-        raise ValueError(
+        raise InputError(
             f"gallery_exclude must be ({num_queries},) integers, one gallery index per query (-1: none), "
             f"got {tuple(ex.shape)} {ex.dtype}"
         )
     ex = ex.to(torch.int64)
     if ex.numel() and bool(((ex < -1) | (ex >= num_gallery)).any()):
-        raise ValueError(f"gallery_exclude holds indices outside [-1, {num_gallery}) (the gallery has {num_gallery} items)")
+        raise InputError(f"gallery_exclude holds indices outside [-1, {num_gallery}) (the gallery has {num_gallery} items)")
     return ex
 
 
@@ -387,31 +390,31 @@ def _check_inputs(embeddings, labels, gallery_embeddings, gallery_labels, distra
     # One tree check: of the labels, or of queries and gallery together (they must form one tree).
     q_lab = as_label_tensor(labels, "labels", check=same_set)
     if q_lab.shape[0] != q_emb.shape[0]:
-        raise ValueError(f"embeddings has {q_emb.shape[0]} rows but labels has {q_lab.shape[0]}; give one label row per embedding")
+        raise InputError(f"embeddings has {q_emb.shape[0]} rows but labels has {q_lab.shape[0]}; give one label row per embedding")
     if q_emb.shape[0] == 0:
-        raise ValueError("no query to evaluate (embeddings is empty)")
+        raise InputError("no query to evaluate (embeddings is empty)")
     if same_set:
         g_emb, g_lab = q_emb, q_lab
     else:
         if gallery_embeddings is None or gallery_labels is None:
-            raise ValueError("give both gallery_embeddings and gallery_labels (query/gallery protocol), or neither (same-set protocol)")
+            raise InputError("give both gallery_embeddings and gallery_labels (query/gallery protocol), or neither (same-set protocol)")
         g_emb = _as_embeddings(gallery_embeddings, "gallery_embeddings")
         g_lab = as_label_tensor(gallery_labels, "gallery_labels", check=False)
         if g_lab.shape[0] != g_emb.shape[0]:
-            raise ValueError(f"gallery_embeddings has {g_emb.shape[0]} rows but gallery_labels has {g_lab.shape[0]}")
+            raise InputError(f"gallery_embeddings has {g_emb.shape[0]} rows but gallery_labels has {g_lab.shape[0]}")
         if g_lab.shape[1] != q_lab.shape[1]:
             raise LabelError(f"labels have {q_lab.shape[1]} level(s) but gallery_labels have {g_lab.shape[1]}")
         # Queries and gallery must form one tree, or "same label in column c" and V disagree.
         check_tree(torch.cat([q_lab, g_lab]), name="labels and gallery_labels together")
     if g_emb.shape[1] != q_emb.shape[1]:
-        raise ValueError(f"query embeddings have dimension {q_emb.shape[1]} but gallery embeddings {g_emb.shape[1]}")
+        raise InputError(f"query embeddings have dimension {q_emb.shape[1]} but gallery embeddings {g_emb.shape[1]}")
     d_emb = None
     if distractor_embeddings is not None:
         d_emb = _as_embeddings(distractor_embeddings, "distractor_embeddings")
         if d_emb.shape[1] != q_emb.shape[1]:
-            raise ValueError(f"distractor_embeddings have dimension {d_emb.shape[1]}, embeddings {q_emb.shape[1]}")
+            raise InputError(f"distractor_embeddings have dimension {d_emb.shape[1]}, embeddings {q_emb.shape[1]}")
     if g_emb.shape[0] - int(same_set) + (0 if d_emb is None else d_emb.shape[0]) <= 0:
-        raise ValueError("the gallery is empty: the same-set protocol needs at least two items")
+        raise InputError("the gallery is empty: the same-set protocol needs at least two items")
     exclude = _check_gallery_exclude(gallery_exclude, q_emb.shape[0], g_emb.shape[0], same_set)
     return _Inputs(q_emb, q_lab, g_emb, g_lab, d_emb, same_set, exclude)
 
@@ -472,7 +475,7 @@ def _plan(inputs: _Inputs, metrics, columns, relevance, alpha, weights, ks, chun
         per = _CUDA_CHUNK_ELEMENTS if dev.type == "cuda" else _CPU_CHUNK_ELEMENTS // workers
         chunk_size = max(1, per // G)
     if int(chunk_size) < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        raise InputError(f"chunk_size must be >= 1, got {chunk_size}")
     return _Plan(
         families=fams, columns=cols, ks=ks, names=metric_names(L, fams, cols, ks), relevance=rel_kwargs,
         device=dev, dtype=dtype, chunk_size=int(chunk_size), topk_only=topk_only,
@@ -666,7 +669,7 @@ def evaluate(
             indices, gallery_indices,
         )
     elif indices is not None or gallery_indices is not None:
-        raise ValueError("indices / gallery_indices order the shards of distributed=True; without it, pass the rows in order")
+        raise InputError("indices / gallery_indices order the shards of distributed=True; without it, pass the rows in order")
     inputs = _check_inputs(embeddings, labels, gallery_embeddings, gallery_labels, distractor_embeddings, gallery_exclude)
     plan = _plan(inputs, metrics, columns, relevance, alpha, weights, ks, chunk_size, device, use_faiss)
     if world == 1:
@@ -737,7 +740,7 @@ def _retrieval_metrics_class():
             emb = _as_embeddings(embeddings, "embeddings").detach()
             lab = as_label_tensor(labels, "labels", check=False).to(emb.device)
             if lab.shape[0] != emb.shape[0]:
-                raise ValueError(f"RetrievalMetrics.update: {emb.shape[0]} embeddings but {lab.shape[0]} label rows")
+                raise InputError(f"RetrievalMetrics.update: {emb.shape[0]} embeddings but {lab.shape[0]} label rows")
             prefix = "gallery_" if gallery else ""
             getattr(self, prefix + "embeddings").append(emb)
             getattr(self, prefix + "labels").append(lab)
@@ -745,7 +748,7 @@ def _retrieval_metrics_class():
         def compute(self) -> dict[str, float]:
             """:func:`evaluate` of everything added since the last reset: its ``summary``."""
             if not len(self.embeddings):
-                raise ValueError("RetrievalMetrics.compute: no query was added (call update first)")
+                raise InputError("RetrievalMetrics.compute: no query was added (call update first)")
             gallery = {}
             if len(self.gallery_embeddings):
                 gallery = dict(gallery_embeddings=dim_zero_cat(self.gallery_embeddings),
@@ -816,7 +819,7 @@ def _shard_description(embeddings, labels, gallery_embeddings, gallery_labels, d
         q = _as_embeddings(embeddings, "embeddings")
         lab = as_label_tensor(labels, "labels", check=False)
         if lab.shape[0] != q.shape[0]:
-            raise ValueError(f"embeddings has {q.shape[0]} rows but labels has {lab.shape[0]}")
+            raise InputError(f"embeddings has {q.shape[0]} rows but labels has {lab.shape[0]}")
         described = {"dim": q.shape[1], "dtype": str(q.dtype), "levels": lab.shape[1]}
         for name, x, rows in (("gallery_embeddings", gallery_embeddings, None), ("gallery_labels", gallery_labels, None),
                               ("distractor_embeddings", distractor_embeddings, None),
@@ -824,9 +827,9 @@ def _shard_description(embeddings, labels, gallery_embeddings, gallery_labels, d
                               ("gallery_indices", gallery_indices, None)):
             described[name] = x is not None
             if x is not None and rows is not None and len(x) != rows:
-                raise ValueError(f"{name} has {len(x)} entries for this process's {rows} queries")
+                raise InputError(f"{name} has {len(x)} entries for this process's {rows} queries")
         if gallery_indices is not None and gallery_embeddings is not None and len(gallery_indices) != len(gallery_embeddings):
-            raise ValueError(f"gallery_indices has {len(gallery_indices)} entries for {len(gallery_embeddings)} gallery rows")
+            raise InputError(f"gallery_indices has {len(gallery_indices)} entries for {len(gallery_embeddings)} gallery rows")
         return {**described, "error": None}
     except (ValueError, LabelError) as err:
         return {"error": str(err)}
@@ -841,7 +844,7 @@ def _in_order(indices: torch.Tensor, *rows):
     first[1:] = idx[1:] != idx[:-1]
     keep = order[first]
     if not torch.equal(idx[first], torch.arange(int(first.sum()))):
-        raise ValueError(
+        raise InputError(
             "indices (gallery_indices) of all processes together must cover 0..N-1, each index at "
             "least once (the indices of a DistributedSampler over the whole set)"
         )
@@ -862,9 +865,9 @@ def _gathered(embeddings, labels, gallery_embeddings, gallery_labels, distractor
         dist.all_gather_object(every, mine)
     errors = [f"process {r}: {d['error']}" for r, d in enumerate(every) if d["error"]]
     if errors:  # raised by every process alike: none is left waiting for the others
-        raise ValueError("evaluate(distributed=True): " + "; ".join(errors))
+        raise InputError("evaluate(distributed=True): " + "; ".join(errors))
     if any({k: v for k, v in d.items() if k != "error"} != {k: v for k, v in every[0].items() if k != "error"} for d in every):
-        raise ValueError(
+        raise InputError(
             "evaluate(distributed=True): the processes' shards disagree (embedding size, dtype, label "
             f"levels, or which of the optional arguments are given): {every}"
         )
@@ -946,7 +949,7 @@ def _revisited_protocols(protocols) -> list[str]:
     protocols = list(protocols)
     bad = [p for p in protocols if p not in REVISITED_PROTOCOLS]
     if bad or not protocols:
-        raise ValueError(f"unknown protocol(s) {bad}; choose among {list(REVISITED_PROTOCOLS)}")
+        raise InputError(f"unknown protocol(s) {bad}; choose among {list(REVISITED_PROTOCOLS)}")
     return [p for p in REVISITED_PROTOCOLS if p in protocols]
 
 
@@ -959,7 +962,7 @@ def _gnd_statuses(gnd, num_gallery: int) -> tuple[torch.Tensor, torch.Tensor]:
     for q, entry in enumerate(gnd):
         if not isinstance(entry, Mapping) or "easy" not in entry or "hard" not in entry:
             found = sorted(entry) if isinstance(entry, Mapping) else type(entry).__name__
-            raise ValueError(
+            raise InputError(
                 f"gnd[{q}] must be a dict with 'easy', 'hard' and 'junk' gallery index lists (the revisited "
                 f"gnd_<name>.pkl format), got {found}; the classic Oxford/Paris files ('ok' lists) are not "
                 f"revisited ground truth"
@@ -969,19 +972,19 @@ def _gnd_statuses(gnd, num_gallery: int) -> tuple[torch.Tensor, torch.Tensor]:
             idx = np.asarray(entry.get(name, []), dtype=np.float64).reshape(-1)
             if idx.size and (np.any(idx != np.round(idx)) or idx.min() < 0 or idx.max() >= num_gallery):
                 bad = idx[(idx != np.round(idx)) | (idx < 0) | (idx >= num_gallery)][0]
-                raise ValueError(
+                raise InputError(
                     f"gnd[{q}]['{name}'] holds {bad:g}, not an index of the {num_gallery} gallery images "
                     f"(0-based indices into imlist); is the gallery the dataset's imlist, in its order?"
                 )
             for i in idx.astype(np.int64).tolist():
                 if seen.setdefault(i, name) != name:
-                    raise ValueError(
+                    raise InputError(
                         f"gnd[{q}]: gallery image {i} is listed both as '{seen[i]}' and as '{name}'; each image "
                         f"has one status per query"
                     )
         rows.append(seen)
     if not rows:
-        raise ValueError("gnd is empty: no query to evaluate")
+        raise InputError("gnd is empty: no query to evaluate")
     width = max(1, max(len(r) for r in rows))
     items = torch.full((len(rows), width), -1, dtype=torch.int64)
     status = torch.zeros((len(rows), width), dtype=torch.int8)
@@ -1067,7 +1070,7 @@ def evaluate_revisited(
     """
     protocols = _revisited_protocols(protocols)
     if ap not in _AP_FORMS:
-        raise ValueError(f"ap must be one of {_AP_FORMS}, got {ap!r}")
+        raise InputError(f"ap must be one of {_AP_FORMS}, got {ap!r}")
     ks = _resolve_ks(ks)
     queries = _as_embeddings(query_embeddings, "query_embeddings")
     gallery = _as_embeddings(gallery_embeddings, "gallery_embeddings")
@@ -1076,10 +1079,10 @@ def evaluate_revisited(
         parts.append(_as_embeddings(distractor_embeddings, "distractor_embeddings"))
     for name, t in zip(("gallery_embeddings", "distractor_embeddings"), parts):
         if t.shape[1] != queries.shape[1]:
-            raise ValueError(f"query embeddings have dimension {queries.shape[1]} but {name} {t.shape[1]}")
+            raise InputError(f"query embeddings have dimension {queries.shape[1]} but {name} {t.shape[1]}")
     items, status = _gnd_statuses(gnd, gallery.shape[0])
     if items.shape[0] != queries.shape[0]:
-        raise ValueError(f"gnd describes {items.shape[0]} queries but query_embeddings has {queries.shape[0]} rows")
+        raise InputError(f"gnd describes {items.shape[0]} queries but query_embeddings has {queries.shape[0]} rows")
 
     dev = torch.device(device) if device is not None else queries.device
     dtype = torch.promote_types(torch.promote_types(queries.dtype, gallery.dtype), torch.float32)
@@ -1089,7 +1092,7 @@ def evaluate_revisited(
         budget = _REVISITED_CUDA_PAIRS if dev.type == "cuda" else _REVISITED_CPU_PAIRS
         chunk_size = max(1, budget // num_ranked)
     if int(chunk_size) < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        raise InputError(f"chunk_size must be >= 1, got {chunk_size}")
     chunk_size = int(chunk_size)
 
     Q = queries.shape[0]
@@ -1130,7 +1133,7 @@ def _ranking_problem(ranking: Sequence[str]):
     """One query whose gallery is ranked exactly as ``ranking`` (statuses, rank 1 first)."""
     bad = sorted({s for s in ranking if s not in _STATUS})
     if bad:
-        raise ValueError(f"unknown status(es) {bad} in the ranking; use {list(_STATUS)}")
+        raise InputError(f"unknown status(es) {bad} in the ranking; use {list(_STATUS)}")
     n = len(ranking)
     gallery = torch.arange(n, 0, -1, dtype=torch.float64)[:, None]  # decreasing scores
     gnd = [{s: [i for i, x in enumerate(ranking) if x == s] for s in ("easy", "hard", "junk")}]
@@ -1183,7 +1186,7 @@ def alpha_query_expansion(query_embeddings, gallery_embeddings, k: int, alpha: f
     queries = _as_embeddings(query_embeddings, "query_embeddings")
     gallery = _as_embeddings(gallery_embeddings, "gallery_embeddings").to(queries.device, queries.dtype)
     if k < 0 or alpha < 0:
-        raise ValueError(f"k and alpha must be non-negative, got k={k}, alpha={alpha}")
+        raise InputError(f"k and alpha must be non-negative, got k={k}, alpha={alpha}")
     if k == 0:
         return queries.clone()
     k = min(int(k), gallery.shape[0])
@@ -1217,7 +1220,7 @@ def multiscale_embeddings(model, images: torch.Tensor, scales: Sequence[float] =
     ``align_corners=False``, sides rounded), combined by :func:`combine_scales`. The default scales
     1, 1/√2, 1/2 are those of SupRank's landmark evaluation."""
     if not scales or any(s <= 0 for s in scales):
-        raise ValueError(f"scales must be positive, got {list(scales)}")
+        raise InputError(f"scales must be positive, got {list(scales)}")
     h, w = images.shape[-2:]
     outs = []
     for s in scales:
@@ -1294,11 +1297,11 @@ def extract_embeddings(model, loader, device=None, amp: bool = True, progress: b
     finally:
         model.train(was_training)
     if not embs:
-        raise ValueError("the loader yielded no batch")
+        raise InputError("the loader yielded no batch")
     embeddings = torch.cat(embs)
     labels = as_label_tensor(torch.cat(labs), "labels")
     if labels.shape[0] != embeddings.shape[0]:
-        raise ValueError(f"the model returned {embeddings.shape[0]} embeddings for {labels.shape[0]} labels")
+        raise InputError(f"the model returned {embeddings.shape[0]} embeddings for {labels.shape[0]} labels")
     return embeddings, labels
 
 
@@ -1325,10 +1328,10 @@ def nearest_neighbours(
     same_set = gallery_embeddings is None
     gallery = query if same_set else _as_embeddings(gallery_embeddings, "gallery_embeddings")
     if gallery.shape[1] != query.shape[1]:
-        raise ValueError(f"queries are {query.shape[1]}-d but the gallery is {gallery.shape[1]}-d")
+        raise InputError(f"queries are {query.shape[1]}-d but the gallery is {gallery.shape[1]}-d")
     available = gallery.shape[0] - (1 if same_set else 0)
     if not 1 <= int(k) <= available:
-        raise ValueError(f"k must be between 1 and {available} (the gallery size{' minus the query' if same_set else ''}), got {k}")
+        raise InputError(f"k must be between 1 and {available} (the gallery size{' minus the query' if same_set else ''}), got {k}")
     k = int(k)
     dev = torch.device(device) if device is not None else query.device
     faiss = _faiss()
@@ -1368,7 +1371,7 @@ def neighbourhood_metrics(embeddings, labels, k: int = 64, **options) -> dict[st
     """
     labels = as_label_tensor(labels, "labels")
     if labels.shape[0] != _as_embeddings(embeddings, "embeddings").shape[0]:
-        raise ValueError(f"{labels.shape[0]} labels for {_as_embeddings(embeddings, 'embeddings').shape[0]} embeddings")
+        raise InputError(f"{labels.shape[0]} labels for {_as_embeddings(embeddings, 'embeddings').shape[0]} embeddings")
     neighbours = nearest_neighbours(embeddings, k, **options)
     agreement = neighbour_agreement(labels, neighbours)
     failures = top1_failures(labels, neighbours[:, 0])

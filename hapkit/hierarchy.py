@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from hapkit.errors import HapkitError
+from hapkit.errors import HapkitError, InputError
 
 __all__ = [
     "LabelError",
@@ -47,9 +47,21 @@ def as_label_tensor(labels, name: str = "labels", check: bool = True) -> torch.T
     if isinstance(labels, torch.Tensor):
         t = labels
     else:
-        arr = np.asarray(labels)
+        try:
+            arr = np.asarray(labels)
+        except (ValueError, TypeError):  # ragged nested lists
+            arr = np.empty(0, dtype=object)
         if arr.dtype == object:
-            raise LabelError(f"{name} must be a rectangular integer array, got ragged/object data")
+            raise LabelError(
+                f"{name} must be a rectangular array of integer ids below 2**63, got ragged, "
+                f"too large or non-numeric data"
+            )
+        if arr.dtype.kind not in "biuf":
+            raise LabelError(f"{name} must have an integer dtype, got {arr.dtype}")
+        if arr.dtype.kind == "u" and arr.dtype.itemsize == 8:
+            if arr.size and int(arr.max()) >= 2**63:
+                raise LabelError(f"{name} holds ids of 2**63 or more: re-index them below 2**63 (e.g. np.unique(column, return_inverse=True)[1])")
+            arr = arr.astype(np.int64)
         t = torch.from_numpy(arr.copy()) if arr.size else torch.from_numpy(arr)
     if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
         if t.dtype.is_floating_point and t.numel() and bool(torch.all(t == t.round())):
@@ -69,7 +81,8 @@ def as_label_tensor(labels, name: str = "labels", check: bool = True) -> torch.T
     if t.numel() and int(t.min()) < 0:
         n_neg = int((t < 0).sum())
         raise LabelError(
-            f"{name} contains {n_neg} negative value(s); labels must be non-negative class indices"
+            f"{name} contains {n_neg} negative value(s); labels must be non-negative class ids: "
+            f"re-index each column, e.g. with np.unique(column, return_inverse=True)[1]"
         )
     if check:
         check_tree(t, name=name)
@@ -87,6 +100,12 @@ def check_tree(labels: torch.Tensor, name: str = "labels") -> None:
         return
     for c in range(labels.shape[1] - 1):
         child_col, parent_col = labels[:, c], labels[:, c + 1]
+        child_ids = parent_ids = None
+        if (int(child_col.max()) + 1) * (int(parent_col.max()) + 1) > 2**62:
+            # Large ids (hashes, 2**40 and up) would overflow the int64 key below: rank them
+            # instead, which keeps label equality and so the answer.
+            child_ids, child_col = torch.unique(child_col, return_inverse=True)
+            parent_ids, parent_col = torch.unique(parent_col, return_inverse=True)
         # One 1-D unique over a combined key: torch.unique(dim=0) is far slower on large arrays.
         base = int(parent_col.max()) + 1
         keys = torch.unique(child_col * base + parent_col)  # sorted by child, then parent
@@ -96,6 +115,8 @@ def check_tree(labels: torch.Tensor, name: str = "labels") -> None:
         dup = (children[1:] == children[:-1]).nonzero()[0, 0]
         child = int(children[dup])
         p1, p2 = int(keys[dup] % base), int(keys[dup + 1] % base)
+        if child_ids is not None:
+            child, p1, p2 = int(child_ids[child]), int(parent_ids[p1]), int(parent_ids[p2])
         rows = (labels[:, c] == child).nonzero().flatten()
         r1 = int(rows[labels[rows, c + 1] == p1][0])
         r2 = int(rows[labels[rows, c + 1] == p2][0])
@@ -177,14 +198,14 @@ def level_relevance(
     """The relevance of each shared level v (0..L) for each query, (Q, L + 1), from the counts
     n_q(v) of :func:`shared_counts`: what :func:`relevance` gives every item at that level."""
     if kind not in RELEVANCE_KINDS:
-        raise ValueError(f"unknown relevance kind {kind!r}; choose one of {RELEVANCE_KINDS}")
+        raise InputError(f"unknown relevance kind {kind!r}; choose one of {RELEVANCE_KINDS}")
     counts = counts.to(dtype)
     if kind == "pop":
         w = torch.arange(num_levels + 1, dtype=dtype, device=counts.device) ** alpha
         w[0] = 0.0
         return w[None, :] / counts.clamp(min=1)
     if weights is None or len(weights) != num_levels:
-        raise ValueError(
+        raise InputError(
             f"relevance 'map' needs one weight per level 1..{num_levels}, got {weights!r}"
         )
     w = torch.as_tensor([0.0, *weights], dtype=dtype, device=counts.device)

@@ -43,7 +43,9 @@ from typing import Iterable, Sequence
 
 import torch
 
+from hapkit.errors import InputError
 from hapkit.hierarchy import as_label_tensor
+from hapkit.inputs import check_finite
 
 __all__ = [
     "RankedRelevant",
@@ -77,22 +79,17 @@ def _as_scores(scores, name: str = "scores", check: bool = True) -> torch.Tensor
     if s.dim() == 1:
         s = s.unsqueeze(0)
     if s.dim() != 2:
-        raise ValueError(f"{name} must be a (Q, G) matrix (one row per query), got shape {tuple(s.shape)}")
+        raise InputError(f"{name} must be a (Q, G) matrix (one row per query), got shape {tuple(s.shape)}")
     if not s.dtype.is_floating_point:
         s = s.to(_F64)
     elif s.dtype in (torch.float16, torch.bfloat16):
         # Half-precision bins would be too coarse; the order of the values is kept exactly.
         s = s.float()
-    if check and s.numel():
-        bad = ~torch.isfinite(s)
-        if bool(bad.any()):
-            rows = bad.any(1).nonzero().flatten()
-            raise ValueError(
-                f"{name} contain {int(bad.sum())} non-finite value(s) in {rows.numel()} query row(s) "
-                f"(first: row {int(rows[0])}); rankings of NaN or infinite scores are undefined. "
-                f"Check the embeddings for NaN/inf (e.g. a diverged model)."
-            )
-    return s
+    if check:
+        check_finite(s, name, undefined="rankings of NaN or infinite scores are undefined",
+                     hint="Check the embeddings for NaN/inf (e.g. a diverged model).")
+    # Metrics are not differentiable; the ranking writes into preallocated buffers, which autograd refuses.
+    return s.detach()
 
 
 def _as_like(x, scores: torch.Tensor, name: str, dtype=None) -> torch.Tensor:
@@ -100,7 +97,7 @@ def _as_like(x, scores: torch.Tensor, name: str, dtype=None) -> torch.Tensor:
     if t.dim() == 1 and scores.shape[0] == 1:
         t = t.unsqueeze(0)
     if tuple(t.shape) != tuple(scores.shape):
-        raise ValueError(
+        raise InputError(
             f"{name} must have the shape of scores {tuple(scores.shape)} (one entry per query and "
             f"gallery item), got {tuple(t.shape)}"
         )
@@ -110,9 +107,9 @@ def _as_like(x, scores: torch.Tensor, name: str, dtype=None) -> torch.Tensor:
 def _as_shared(shared_levels, scores: torch.Tensor, name: str = "shared_levels") -> torch.Tensor:
     V = _as_like(shared_levels, scores, name)
     if V.dtype.is_floating_point or V.dtype.is_complex:
-        raise ValueError(f"{name} must be integer shared levels (hierarchy.shared_levels), got {V.dtype}")
+        raise InputError(f"{name} must be integer shared levels (hierarchy.shared_levels), got {V.dtype}")
     if V.dtype != torch.bool and V.numel() and int(V.min()) < 0:
-        raise ValueError(f"{name} must be >= 0 (0 = nothing shared), found {int(V.min())}")
+        raise InputError(f"{name} must be >= 0 (0 = nothing shared), found {int(V.min())}")
     return V
 
 
@@ -349,7 +346,7 @@ class RankedRelevant:
         if check:
             low = torch.zeros_like(table).scatter_reduce_(1, self.shared, rel, "amin", include_self=False)
             if bool((low != table).any()):
-                raise ValueError(
+                raise InputError(
                     "relevance differs between items of the same query at the same level; H-AP matches "
                     "levels by id, so relevance must be a function of the shared level (as every "
                     "hierarchy.relevance kind is)."
@@ -469,7 +466,7 @@ def _check_ks(ks) -> list[int]:
         ks = (ks,)
     ks = [int(k) for k in ks]
     if not ks or min(ks) < 1:
-        raise ValueError(f"ks must be positive integers, got {ks}")
+        raise InputError(f"ks must be positive integers, got {ks}")
     return ks
 
 
@@ -539,7 +536,7 @@ def _check_exclude(exclude, Q: int, G: int, device) -> tuple[torch.Tensor | None
         return None, None
     ex = torch.as_tensor(exclude, device=device).to(torch.int64).flatten()
     if ex.numel() != Q or bool(((ex < -1) | (ex >= G)).any()):
-        raise ValueError(f"exclude must hold one gallery index (or -1) per query, in [-1, {G})")
+        raise InputError(f"exclude must hold one gallery index (or -1) per query, in [-1, {G})")
     rows = (ex >= 0).nonzero().flatten()
     if rows.numel() == 0:
         return None, None
@@ -838,7 +835,7 @@ def _rank_binary(scores, positive_mask) -> RankedRelevant:
     P = _as_like(positive_mask, S, "positive_mask")
     if P.dtype != torch.bool:
         if P.dtype.is_floating_point and bool(((P != 0) & (P != 1)).any()):
-            raise ValueError("positive_mask must be boolean (or 0/1); use h_average_precision for graded relevance")
+            raise InputError("positive_mask must be boolean (or 0/1); use h_average_precision for graded relevance")
         P = P != 0
     return rank_relevant(S, P, num_levels=1)
 
@@ -886,12 +883,12 @@ def h_average_precision(scores, relevance, shared_levels=None) -> torch.Tensor:
     S = _as_scores(scores)
     rel = _as_like(relevance, S, "relevance", _F64)
     if rel.numel() and bool((rel < 0).any() | ~torch.isfinite(rel).all()):
-        raise ValueError("relevance must be finite and >= 0")
+        raise InputError("relevance must be finite and >= 0")
     positive = rel > 0
     if shared_levels is not None:
         V = _as_shared(shared_levels, S).to(torch.int64)
         if bool((positive & (V == 0)).any()):
-            raise ValueError("relevance is > 0 for an item with shared level 0; items sharing nothing must have relevance 0")
+            raise InputError("relevance is > 0 for an item with shared level 0; items sharing nothing must have relevance 0")
         groups = torch.where(positive, V, torch.zeros_like(V))
     else:
         # Group by distinct relevance value: within a group min(rel_j, rel_k) is a constant.
@@ -921,7 +918,7 @@ def asi(scores, shared_levels, num_levels: int | None = None) -> torch.Tensor:
     S = _as_scores(scores)
     V = _as_shared(shared_levels, S)
     if num_levels is not None and V.numel() and int(V.max()) > num_levels:
-        raise ValueError(f"shared_levels has a value {int(V.max())} > num_levels={num_levels}")
+        raise InputError(f"shared_levels has a value {int(V.max())} > num_levels={num_levels}")
     return rank_relevant(S, V, num_levels=num_levels).asi()
 
 
@@ -940,7 +937,7 @@ def ap_exclusive(scores, shared_levels, v: int) -> torch.Tensor:
     precision at a positive is #(V == v up to it) / #(V <= v up to it).
     """
     if int(v) < 1:
-        raise ValueError(f"AP#v needs a level v >= 1, got {v}")
+        raise InputError(f"AP#v needs a level v >= 1, got {v}")
     S = _as_scores(scores)
     return rank_relevant(S, _as_shared(shared_levels, S)).ap_exclusive(int(v))
 
@@ -954,11 +951,11 @@ def _ranking_inputs(ranked_shared, num_levels, relevance, alpha, weights, count_
 
     V = torch.as_tensor(list(ranked_shared), dtype=torch.int64).view(1, -1)
     if V.numel() == 0:
-        raise ValueError("the ranking is empty")
+        raise InputError("the ranking is empty")
     if num_levels is None:
         num_levels = max(int(V.max()), 1)
     if int(V.min()) < 0 or int(V.max()) > num_levels:
-        raise ValueError(f"shared levels must lie in 0..{num_levels}, got {V.flatten().tolist()}")
+        raise InputError(f"shared levels must lie in 0..{num_levels}, got {V.flatten().tolist()}")
     scores = -torch.arange(V.shape[1], dtype=_F64).view(1, -1)  # position i has rank i + 1
     if isinstance(relevance, str):
         rel = make_relevance(V, num_levels, kind=relevance, alpha=alpha, weights=weights, count_query=count_query)
@@ -1048,15 +1045,15 @@ def _neighbour_inputs(labels, neighbours, gallery_labels):
     q = as_label_tensor(labels, "labels")
     g = q if gallery_labels is None else as_label_tensor(gallery_labels, "gallery_labels")
     if g.shape[1] != q.shape[1]:
-        raise ValueError(f"labels have {q.shape[1]} level(s) but gallery_labels have {g.shape[1]}")
+        raise InputError(f"labels have {q.shape[1]} level(s) but gallery_labels have {g.shape[1]}")
     nb = torch.as_tensor(neighbours, dtype=torch.int64)
     if nb.dim() == 1:
         nb = nb.unsqueeze(1)
     if nb.dim() != 2 or nb.shape[0] != q.shape[0]:
-        raise ValueError(f"neighbours must be a ({q.shape[0]}, k) index matrix, one row per labelled item; "
+        raise InputError(f"neighbours must be a ({q.shape[0]}, k) index matrix, one row per labelled item; "
                          f"got shape {tuple(nb.shape)}")
     if nb.numel() and (int(nb.max()) >= g.shape[0] or int(nb.min()) < -1):
-        raise ValueError(f"neighbour indices must lie in [0, {g.shape[0]}) (-1 = no neighbour)")
+        raise InputError(f"neighbour indices must lie in [0, {g.shape[0]}) (-1 = no neighbour)")
     return q, g, nb
 
 

@@ -12,7 +12,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "hapkit"
 
-CORE_ORDER = ("errors", "_lazy", "hierarchy", "metrics", "evaluate")  # each may import those before it
+CORE_ORDER = ("errors", "_lazy", "inputs", "hierarchy", "metrics", "evaluate")  # each may import those before it
 ALLOWED = {
     "losses": {"core", "losses"},
     "data": {"core", "data"},

@@ -30,6 +30,7 @@ __all__ = [
     "DatasetNotFoundError",
     "AnnotationError",
     "ImageReadError",
+    "parse_id",
     "reindex_levels",
     "default_cache_dir",
     "default_data_root",
@@ -60,6 +61,19 @@ class AnnotationError(DataError, ValueError):
 
 class ImageReadError(DataError, OSError):
     """An image file exists in the annotations but cannot be decoded."""
+
+
+def parse_id(text: str, path, line: int | None, not_integer: str) -> int:
+    """The integer id ``text`` of an annotation file, or an :class:`AnnotationError` at ``path``,
+    ``line``: ``not_integer`` when it is not an integer, another when it does not fit the int64
+    label arrays."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise AnnotationError(path, line, not_integer) from None
+    if not -(2**63) <= value < 2**63:
+        raise AnnotationError(path, line, f"id {value} does not fit in 64 bits; ids must lie in [-2**63, 2**63)")
+    return value
 
 
 def prepare_command(name: str, root) -> str:

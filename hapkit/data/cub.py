@@ -32,6 +32,7 @@ from hapkit.data.base import (
     ImageFileDataset,
     check_images_exist,
     locate,
+    parse_id,
     require_file,
 )
 
@@ -101,14 +102,17 @@ def load(
     where = root if root is not None else base
     images = read_id_file(require_file(base / "images.txt", name, title, where))
     class_file = require_file(base / "image_class_labels.txt", name, title, where)
-    image_class = read_id_file(class_file)
+    image_class = {
+        k: parse_id(v, class_file, None, f"image {k} has the class id {v!r}, not an integer")
+        for k, v in read_id_file(class_file).items()
+    }
     classes = read_id_file(require_file(base / "classes.txt", name, title, where))
     if set(images) != set(image_class):
         odd = sorted(set(images) ^ set(image_class))[0]
         raise AnnotationError(class_file, None, f"image ids differ from images.txt (e.g. id {odd})")
 
-    keep = [i for i in sorted(images) if (int(image_class[i]) in TRAIN_CLASSES) == (split == "train")]
-    species = np.array([int(image_class[i]) for i in keep], dtype=np.int64)
+    keep = [i for i in sorted(images) if (image_class[i] in TRAIN_CLASSES) == (split == "train")]
+    species = np.array([image_class[i] for i in keep], dtype=np.int64)
     unknown = sorted(set(species.tolist()) - set(classes))
     if unknown:
         raise AnnotationError(class_file, None, f"class id {unknown[0]} is not listed in classes.txt")

@@ -32,6 +32,7 @@ from hapkit.data.base import (
     ImageFileDataset,
     check_images_exist,
     locate,
+    parse_id,
     reindex_levels,
     require_file,
 )
@@ -85,8 +86,7 @@ def read_dyml_csv(path, header) -> list[tuple[int, list[str]]]:
         if not fields[0]:
             raise AnnotationError(path, lineno, "empty file name")
         for f in fields[1:]:
-            if not f.lstrip("-").isdigit():
-                raise AnnotationError(path, lineno, f"label {f!r} is not an integer")
+            parse_id(f, path, lineno, f"label {f!r} is not an integer")
     if not rows:
         raise AnnotationError(path, None, "no image listed")
     return rows

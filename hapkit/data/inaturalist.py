@@ -32,6 +32,7 @@ from hapkit.data.base import (
     ImageFileDataset,
     check_images_exist,
     locate,
+    parse_id,
     require_file,
 )
 
@@ -59,12 +60,7 @@ def read_split_file(path) -> list[tuple[str, str, int, int]]:
                     path, lineno,
                     f"expected a path like train_val2018/<supercategory>/<category_id>/<file>.jpg, got {rel!r}",
                 )
-            try:
-                category = int(parts[-2])
-            except ValueError:
-                raise AnnotationError(
-                    path, lineno, f"the category folder of {rel!r} is not an integer id"
-                ) from None
+            category = parse_id(parts[-2], path, lineno, f"the category folder of {rel!r} is not an integer id")
             out.append((rel, parts[-3], category, lineno))
     if not out:
         raise AnnotationError(path, None, "no image listed")
@@ -83,10 +79,14 @@ def _categories(path: str, stamp: tuple) -> dict[int, dict]:
         raise AnnotationError(path, None, "no 'categories' list (the iNaturalist-2018 taxonomy) found")
     table = {}
     for k, cat in enumerate(cats):
+        if not isinstance(cat, dict):
+            raise AnnotationError(path, None, f"categories[{k}] is {type(cat).__name__}, not a record with an id and taxa")
         missing = [key for key in ["id", *_TAXON_KEYS] if key not in cat]
         if missing:
             raise AnnotationError(path, None, f"categories[{k}] lacks the field(s) {missing}")
-        table[int(cat["id"])] = cat
+        if isinstance(cat["id"], bool) or not isinstance(cat["id"], int):
+            raise AnnotationError(path, None, f"categories[{k}] has the id {cat['id']!r}; ids are integers")
+        table[cat["id"]] = cat
     return table
 
 

@@ -20,6 +20,7 @@ from hapkit.data.base import (
     ImageFileDataset,
     check_images_exist,
     locate,
+    parse_id,
     reindex_levels,
     require_file,
 )
@@ -52,12 +53,8 @@ def read_ebay_file(path) -> tuple[list[str], list[int], list[int]]:
                     f"expected 4 space-separated fields ({' '.join(_HEADER)}), got {len(fields)}: "
                     f"{line.strip()!r}",
                 )
-            try:
-                class_id, super_id = int(fields[1]), int(fields[2])
-            except ValueError:
-                raise AnnotationError(
-                    path, lineno, f"class_id and super_class_id must be integers: {line.strip()!r}"
-                ) from None
+            not_int = f"class_id and super_class_id must be integers: {line.strip()!r}"
+            class_id, super_id = (parse_id(f, path, lineno, not_int) for f in fields[1:3])
             paths.append(fields[3])
             classes.append(class_id)
             supers.append(super_id)

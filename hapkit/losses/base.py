@@ -26,8 +26,9 @@ from pytorch_metric_learning.distances import DotProductSimilarity
 from pytorch_metric_learning.losses import BaseMetricLossFunction
 from torch.utils.checkpoint import checkpoint
 
-from hapkit.errors import HapkitError
+from hapkit.errors import HapkitError, InputError
 from hapkit.hierarchy import as_label_tensor
+from hapkit.inputs import check_finite
 
 __all__ = [
     "HapkitLoss",
@@ -63,7 +64,7 @@ def check_indices_tuple(indices_tuple, loss_name: str) -> None:
         isinstance(t, torch.Tensor) and t.dim() == 1 and not t.dtype.is_floating_point for t in indices_tuple
     )
     if not ok:
-        raise ValueError(
+        raise InputError(
             f"{loss_name}: indices_tuple must be None or pytorch-metric-learning's tuple of 3 or 4 "
             f"index tensors, got {type(indices_tuple).__name__}. The call is loss(embeddings, "
             f"labels, indices_tuple=None, ref_emb=None, ref_labels=None): pass a reference set as "
@@ -99,6 +100,23 @@ class HapkitLoss(BaseMetricLossFunction):
     takes_reference_set: ClassVar[bool] = True
     has_parameters: ClassVar[bool] = False
     parameter_group: ClassVar[str] = "loss"
+    _check_finite: bool = True
+
+    @property
+    def check_finite(self) -> bool:
+        """Refuse NaN / infinite ``embeddings`` and ``ref_emb`` with a NonFiniteError (default).
+
+        The test costs a host synchronisation per call: a training loop that watches the loss
+        itself (the engine does, once every few steps) sets it to False on its instance, which
+        also sets it on the losses this one is made of (HAPPIER's, ROADMAP's parts).
+        """
+        return self._check_finite
+
+    @check_finite.setter
+    def check_finite(self, value: bool) -> None:
+        for module in self.modules():
+            if isinstance(module, HapkitLoss):
+                object.__setattr__(module, "_check_finite", bool(value))
 
     def get_default_distance(self):
         # What every hapkit loss computes: dot products of L2-normalised embeddings.
@@ -108,8 +126,13 @@ class HapkitLoss(BaseMetricLossFunction):
         """The loss of ``embeddings`` (queries) against ``ref_emb`` (default: the batch itself)."""
         name = type(self).__name__
         if labels is None:
-            raise ValueError(f"{name}: labels are required, a (B, L) integer tensor finest level first")
+            raise InputError(f"{name}: labels are required, a (B, L) integer tensor finest level first")
         check_indices_tuple(indices_tuple, name)
+        if self.check_finite:
+            for arg, value in (("embeddings", embeddings), ("ref_emb", ref_emb)):
+                if isinstance(value, torch.Tensor):
+                    check_finite(value, f"{name}: {arg}", undefined="the loss and its gradient would be NaN",
+                                 hint="Check the model and the learning rate (diverged training, fp16 overflow).")
         self.reset_stats()
         loss_dict = self.compute_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
         self.add_embedding_regularization_to_loss_dict(loss_dict, embeddings)
@@ -172,29 +195,33 @@ def prepare_inputs(
     """
     if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2:
         shape = tuple(embeddings.shape) if isinstance(embeddings, torch.Tensor) else type(embeddings)
-        raise ValueError(f"{loss_name}: embeddings must be a (B, D) tensor, got {shape}")
+        raise InputError(f"{loss_name}: embeddings must be a (B, D) tensor, got {shape}")
+    if embeddings.shape[0] == 0:
+        # a mean over no item is NaN (or the proxy losses' silent 0): refuse it here, once for all
+        raise InputError(f"{loss_name}: embeddings is an empty batch (0 rows); give at least one item, "
+                         f"e.g. DataLoader(..., drop_last=True) to drop a short last batch")
     device = embeddings.device
     labels = as_label_tensor(labels, name=f"{loss_name} labels").to(device)
     if labels.shape[0] != embeddings.shape[0]:
-        raise ValueError(
+        raise InputError(
             f"{loss_name}: {embeddings.shape[0]} embeddings but {labels.shape[0]} label rows"
         )
     if (ref_emb is None) != (ref_labels is None):
-        raise ValueError(f"{loss_name}: give both ref_emb and ref_labels, or neither")
+        raise InputError(f"{loss_name}: give both ref_emb and ref_labels, or neither")
     emb = embeddings.float()
     if ref_emb is None:
         return LossInputs(emb, labels, emb, labels, True)
     if ref_emb.dim() != 2 or ref_emb.shape[1] != embeddings.shape[1]:
-        raise ValueError(
+        raise InputError(
             f"{loss_name}: ref_emb must be (M, {embeddings.shape[1]}), got {tuple(ref_emb.shape)}"
         )
     ref_labels = as_label_tensor(ref_labels, name=f"{loss_name} ref_labels").to(device)
     if ref_labels.shape[0] != ref_emb.shape[0]:
-        raise ValueError(
+        raise InputError(
             f"{loss_name}: {ref_emb.shape[0]} reference embeddings but {ref_labels.shape[0]} label rows"
         )
     if ref_labels.shape[1] != labels.shape[1]:
-        raise ValueError(
+        raise InputError(
             f"{loss_name}: labels have {labels.shape[1]} level(s), ref_labels {ref_labels.shape[1]}"
         )
     return LossInputs(emb, labels, ref_emb.to(device).float(), ref_labels, False)
@@ -203,7 +230,7 @@ def prepare_inputs(
 def check_column(column, num_levels: int, loss_name: str) -> None:
     """Raise when ``column`` is not a label column of labels with ``num_levels`` levels."""
     if isinstance(column, bool) or not isinstance(column, (int, np.integer)) or not 0 <= column < num_levels:
-        raise ValueError(
+        raise InputError(
             f"{loss_name}: column={column!r} but the labels have {num_levels} level(s); column selects "
             f"the label column that defines positives (0 = finest ... {num_levels - 1} = coarsest)"
         )
@@ -263,7 +290,7 @@ def chunk_elements_for(chunk_elements: int | None, device: torch.device, cpu: in
     if chunk_elements is None:
         return cpu if device.type == "cpu" else gpu
     if int(chunk_elements) < 1:
-        raise ValueError(f"chunk_elements must be a positive number of values, got {chunk_elements}")
+        raise InputError(f"chunk_elements must be a positive number of values, got {chunk_elements}")
     return int(chunk_elements)
 
 

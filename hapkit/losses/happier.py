@@ -25,7 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hapkit.hierarchy import relevance, shared_levels
+from hapkit.errors import InputError
+from hapkit.hierarchy import LabelError, relevance, shared_levels
 from hapkit.losses.base import HapkitLoss, LossInputs, check_column, prepare_inputs, reduce_queries
 from hapkit.losses.rank import DEFAULT_STEP, UpperStep, check_has_positive, float32_compute, smooth_hap
 
@@ -108,9 +109,9 @@ class HAPLoss(HapkitLoss):
         super().__init__()
         self.step = UpperStep(tau=tau, rho=rho, delta=delta, start=start, offset=offset)
         if relevance not in ("pop", "map"):
-            raise ValueError(f"HAPLoss: relevance must be 'pop' or 'map', got {relevance!r}")
+            raise InputError(f"HAPLoss: relevance must be 'pop' or 'map', got {relevance!r}")
         if relevance == "map" and weights is None:
-            raise ValueError("HAPLoss: relevance='map' needs weights, one per level 1..L")
+            raise InputError("HAPLoss: relevance='map' needs weights, one per level 1..L")
         self.relevance = relevance
         self.alpha = alpha
         self.weights = None if weights is None else tuple(float(w) for w in weights)
@@ -122,7 +123,7 @@ class HAPLoss(HapkitLoss):
         with float32_compute(embeddings.device):
             x = prepare_inputs(embeddings, labels, ref_emb, ref_labels, "HAPLoss")
             if self.relevance == "map" and len(self.weights) != x.num_levels:
-                raise ValueError(
+                raise InputError(
                     f"HAPLoss: {len(self.weights)} weights for 'map' relevance but the labels "
                     f"have {x.num_levels} level(s)"
                 )
@@ -166,11 +167,11 @@ class ClusterLoss(HapkitLoss):
     def __init__(self, num_classes: int, embedding_size: int, temperature: float = 0.05, column: int = 0):
         super().__init__()
         if num_classes < 1 or embedding_size < 1:
-            raise ValueError(
+            raise InputError(
                 f"ClusterLoss: num_classes and embedding_size must be >= 1, got {num_classes}, {embedding_size}"
             )
         if not temperature > 0:
-            raise ValueError(f"ClusterLoss: temperature must be > 0, got {temperature}")
+            raise InputError(f"ClusterLoss: temperature must be > 0, got {temperature}")
         self.num_classes = num_classes
         self.embedding_size = embedding_size
         self.temperature = temperature
@@ -183,7 +184,7 @@ class ClusterLoss(HapkitLoss):
         with float32_compute(embeddings.device):
             x = prepare_inputs(embeddings, labels, loss_name="ClusterLoss")
             if x.embeddings.shape[1] != self.embedding_size:
-                raise ValueError(
+                raise InputError(
                     f"ClusterLoss: embeddings have {x.embeddings.shape[1]} dims, the class weights "
                     f"{self.embedding_size}"
                 )
@@ -191,7 +192,7 @@ class ClusterLoss(HapkitLoss):
             target = x.labels[:, self.column]
             top = int(target.max())
             if top >= self.num_classes:
-                raise ValueError(
+                raise LabelError(
                     f"ClusterLoss: label {top} in column {self.column} but num_classes={self.num_classes}; "
                     f"labels must be re-indexed to 0..num_classes-1 over the training set"
                 )
@@ -229,7 +230,7 @@ class HAPPIER(HapkitLoss):
     ):
         super().__init__()
         if not 0.0 <= lambda_ <= 1.0:
-            raise ValueError(f"HAPPIER: lambda_ must be in [0, 1], got {lambda_}")
+            raise InputError(f"HAPPIER: lambda_ must be in [0, 1], got {lambda_}")
         self.lambda_ = lambda_
         self.hap = HAPLoss(**hap_kwargs)
         self.cluster = ClusterLoss(num_classes, embedding_size, temperature=temperature)

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from hapkit.errors import InputError
 from hapkit.losses.base import (
     HapkitLoss,
     binary_positives,
@@ -83,10 +84,10 @@ class ListwiseAP(HapkitLoss):
     ):
         super().__init__()
         if not isinstance(num_bins, int) or num_bins < 2:
-            raise ValueError(f"ListwiseAP: num_bins must be an integer >= 2, got {num_bins!r}")
+            raise InputError(f"ListwiseAP: num_bins must be an integer >= 2, got {num_bins!r}")
         lo, hi = (float(v) for v in sim_range)
         if not hi > lo:
-            raise ValueError(f"ListwiseAP: sim_range must be (lowest, highest), got {sim_range!r}")
+            raise InputError(f"ListwiseAP: sim_range must be (lowest, highest), got {sim_range!r}")
         self.num_bins = num_bins
         self.sim_range = (lo, hi)
         self.column = column
@@ -97,7 +98,7 @@ class ListwiseAP(HapkitLoss):
     def from_preset(cls, name: str, **overrides) -> "ListwiseAP":
         """``"revaud"`` (25 bins on [0, 1], query excluded) or ``"suprank"`` (20 bins on [-1, 1])."""
         if name not in LISTWISE_AP_PRESETS:
-            raise ValueError(
+            raise InputError(
                 f"unknown ListwiseAP preset {name!r}; choose one of {sorted(LISTWISE_AP_PRESETS)}"
             )
         return cls(**{**LISTWISE_AP_PRESETS[name], **overrides})
@@ -281,9 +282,9 @@ def multistage_backward(
     (``no_sync`` on the others); the loss may gather the embeddings of every process.
     """
     if sub_batch_size < 1:
-        raise ValueError(f"multistage_backward: sub_batch_size must be >= 1, got {sub_batch_size}")
+        raise InputError(f"multistage_backward: sub_batch_size must be >= 1, got {sub_batch_size}")
     if not isinstance(images, torch.Tensor) or images.dim() == 0 or images.shape[0] == 0:
-        raise ValueError("multistage_backward: images must be a non-empty (B, ...) tensor")
+        raise InputError("multistage_backward: images must be a non-empty (B, ...) tensor")
     B = images.shape[0]
     slices = [slice(i, min(i + sub_batch_size, B)) for i in range(0, B, sub_batch_size)]
     device = images.device
@@ -305,7 +306,7 @@ def multistage_backward(
     embeddings = torch.cat(parts).detach().requires_grad_(True)
     loss = loss_fn(embeddings, labels, **(loss_kwargs or {}))
     if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-        raise ValueError("multistage_backward: loss_fn must return a scalar tensor")
+        raise InputError("multistage_backward: loss_fn must return a scalar tensor")
     (scaler.scale(loss) if scaler is not None else loss).backward()
     grad = embeddings.grad
     if grad is None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 from pytorch_metric_learning.losses import CrossBatchMemory as PMLCrossBatchMemory
 
+from hapkit.errors import InputError
 from hapkit.hierarchy import as_label_tensor
 from hapkit.losses.base import HapkitLoss
 
@@ -64,14 +65,14 @@ class CrossBatchMemory(PMLCrossBatchMemory):
                 f"pytorch-metric-learning's own losses use pytorch_metric_learning.losses.CrossBatchMemory."
             )
         if miner is not None:
-            raise ValueError(
+            raise InputError(
                 "hapkit.losses.CrossBatchMemory: hapkit's rank losses rank every (query, memory) pair "
                 "and ignore mined pairs; leave miner=None"
             )
         if int(memory_size) < 1:
-            raise ValueError(f"CrossBatchMemory: memory_size must be >= 1, got {memory_size}")
+            raise InputError(f"CrossBatchMemory: memory_size must be >= 1, got {memory_size}")
         if num_levels is not None and int(num_levels) < 1:
-            raise ValueError(f"CrossBatchMemory: num_levels must be >= 1 (or None), got {num_levels}")
+            raise InputError(f"CrossBatchMemory: num_levels must be >= 1 (or None), got {num_levels}")
         self._num_levels = 0 if num_levels is None else int(num_levels)  # read by reset_queue
         super().__init__(loss, embedding_size, memory_size=int(memory_size))
 
@@ -96,10 +97,10 @@ class CrossBatchMemory(PMLCrossBatchMemory):
     def _checked(self, embeddings: torch.Tensor, labels) -> tuple[torch.Tensor, torch.Tensor]:
         if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_size:
             shape = tuple(embeddings.shape) if isinstance(embeddings, torch.Tensor) else type(embeddings).__name__
-            raise ValueError(f"CrossBatchMemory: embeddings must be (B, {self.embedding_size}), got {shape}")
+            raise InputError(f"CrossBatchMemory: embeddings must be (B, {self.embedding_size}), got {shape}")
         labels = as_label_tensor(labels, name="CrossBatchMemory labels", check=False).to(embeddings.device)
         if labels.shape[0] != embeddings.shape[0]:
-            raise ValueError(f"CrossBatchMemory: {embeddings.shape[0]} embeddings but {labels.shape[0]} label rows")
+            raise InputError(f"CrossBatchMemory: {embeddings.shape[0]} embeddings but {labels.shape[0]} label rows")
         return embeddings, labels
 
     def enqueue(self, embeddings: torch.Tensor, labels) -> None:
@@ -107,13 +108,13 @@ class CrossBatchMemory(PMLCrossBatchMemory):
         embeddings, labels = self._checked(embeddings, labels)
         B, L = labels.shape
         if B > self.memory_size:
-            raise ValueError(
+            raise InputError(
                 f"CrossBatchMemory: a batch of {B} does not fit in a memory of {self.memory_size}; "
                 f"memory_size must be at least the (global) batch size"
             )
         if self.label_memory.shape[1] != L:
             if self.num_stored:
-                raise ValueError(
+                raise InputError(
                     f"CrossBatchMemory: labels have {L} level(s) but the memory holds "
                     f"{self.label_memory.shape[1]}"
                 )
@@ -131,14 +132,14 @@ class CrossBatchMemory(PMLCrossBatchMemory):
 
     def forward(self, embeddings, labels, indices_tuple=None, enqueue_mask=None):
         if indices_tuple is not None and enqueue_mask is not None:
-            raise ValueError("CrossBatchMemory: indices_tuple and enqueue_mask are mutually exclusive")
+            raise InputError("CrossBatchMemory: indices_tuple and enqueue_mask are mutually exclusive")
         self.reset_stats()
         embeddings, labels = self._checked(embeddings, labels)
         queries, query_labels = embeddings, labels
         if enqueue_mask is not None:
             mask = torch.as_tensor(enqueue_mask, device=embeddings.device)
             if mask.dtype != torch.bool or mask.shape != (embeddings.shape[0],):
-                raise ValueError(f"CrossBatchMemory: enqueue_mask must be a ({embeddings.shape[0]},) boolean mask")
+                raise InputError(f"CrossBatchMemory: enqueue_mask must be a ({embeddings.shape[0]},) boolean mask")
             self.enqueue(embeddings[mask], labels[mask])
             queries, query_labels = embeddings[~mask], labels[~mask]
         else:

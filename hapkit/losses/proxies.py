@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hapkit.errors import InputError
 from hapkit.hierarchy import LabelError, as_label_tensor
 from hapkit.losses.base import HapkitLoss, prepare_inputs
 from hapkit.losses.rank import float32_compute
@@ -31,7 +32,7 @@ PROXY_BASES = ("proxy_anchor", "proxy_nca")
 
 def _no_reference(name: str, ref_emb, ref_labels) -> None:
     if ref_emb is not None or ref_labels is not None:
-        raise ValueError(
+        raise InputError(
             f"{name} compares embeddings with learned proxies, not with a reference set: "
             f"call it without ref_emb / ref_labels"
         )
@@ -54,7 +55,7 @@ def _make_base(base: str, num_classes: int, embedding_size: int, kwargs: dict) -
         return pml_losses.ProxyAnchorLoss(num_classes, embedding_size, **kwargs)
     if base == "proxy_nca":
         return pml_losses.ProxyNCALoss(num_classes, embedding_size, **kwargs)
-    raise ValueError(f"unknown base proxy loss {base!r}; choose one of {PROXY_BASES}")
+    raise InputError(f"unknown base proxy loss {base!r}; choose one of {PROXY_BASES}")
 
 
 def _kmeans(points: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -81,7 +82,7 @@ class ClusterRecord(NamedTuple):
     def fine_clusters(self, level: int) -> torch.Tensor:
         """Cluster at coarse ``level`` (1 = first coarse level) of every fine class."""
         if not 1 <= level <= len(self.assignments):
-            raise ValueError(f"level must be between 1 and {len(self.assignments)}, got {level}")
+            raise InputError(f"level must be between 1 and {len(self.assignments)}, got {level}")
         ids = self.assignments[0]
         for below in self.assignments[1:level]:
             ids = below[ids]
@@ -156,36 +157,36 @@ class HierarchicalProxyLoss(HapkitLoss):
     ):
         super().__init__()
         if base not in PROXY_BASES:
-            raise ValueError(f"unknown base proxy loss {base!r}; choose one of {PROXY_BASES}")
+            raise InputError(f"unknown base proxy loss {base!r}; choose one of {PROXY_BASES}")
         given = not isinstance(num_classes, int)
         sizes = [int(n) for n in num_classes] if given else [int(num_classes)]
         if given and num_coarse is not None:
-            raise ValueError(
+            raise InputError(
                 "HierarchicalProxyLoss: give either one class count per level (hierarchy from the "
                 "labels) or num_coarse (hierarchy learned by k-means), not both"
             )
         if num_coarse is not None:
             sizes += [int(num_coarse)] if isinstance(num_coarse, int) else [int(n) for n in num_coarse]
         if not sizes or min(sizes) < 1:
-            raise ValueError(f"HierarchicalProxyLoss: class counts must be >= 1, got {sizes}")
+            raise InputError(f"HierarchicalProxyLoss: class counts must be >= 1, got {sizes}")
         self.learned = num_coarse is not None
         if self.learned:
             for lvl in range(1, len(sizes)):
                 if not 2 <= sizes[lvl] < sizes[lvl - 1]:
-                    raise ValueError(
+                    raise InputError(
                         f"HierarchicalProxyLoss: num_coarse must decrease level by level and stay "
                         f">= 2 (it clusters the proxies below), got counts {sizes}"
                     )
             if recluster_every is not None and recluster_every < 1:
-                raise ValueError(f"recluster_every must be >= 1 or None, got {recluster_every}")
+                raise InputError(f"recluster_every must be >= 1 or None, got {recluster_every}")
         elif record_clusters:
-            raise ValueError(
+            raise InputError(
                 "HierarchicalProxyLoss: record_clusters needs the learned hierarchy (num_coarse): "
                 "with a given hierarchy nothing is clustered"
             )
         weights = [1.0] * len(sizes) if level_weights is None else [float(w) for w in level_weights]
         if len(weights) != len(sizes):
-            raise ValueError(
+            raise InputError(
                 f"HierarchicalProxyLoss: {len(weights)} level weight(s) for {len(sizes)} level(s)"
             )
         self.sizes = sizes
@@ -218,14 +219,14 @@ class HierarchicalProxyLoss(HapkitLoss):
     def assignment(self, column: int) -> torch.Tensor:
         """Learned hierarchy: cluster (0..sizes[column]-1) of every class of column - 1."""
         if not self.learned or not 1 <= column < self.num_levels:
-            raise ValueError("assignments exist only for the coarse levels of a learned hierarchy")
+            raise InputError("assignments exist only for the coarse levels of a learned hierarchy")
         return getattr(self, f"assignment_{column}")
 
     @torch.no_grad()
     def recluster(self) -> None:
         """Re-run k-means level by level and reset the coarse proxies to their cluster means."""
         if not self.learned:
-            raise ValueError("recluster() needs the learned-hierarchy mode (num_coarse)")
+            raise InputError("recluster() needs the learned-hierarchy mode (num_coarse)")
         seed = self.seed + int(self.iteration)
         for lvl in range(1, self.num_levels):
             below = F.normalize(self.proxies(lvl - 1).detach().float(), dim=1)
@@ -376,9 +377,9 @@ class CSLLoss(HapkitLoss):
         L = class_labels.shape[1]
         margins = default_csl_margins(L) if margins is None else [float(m) for m in margins]
         if len(margins) != L:
-            raise ValueError(f"CSLLoss: {len(margins)} margin(s) for {L} label level(s)")
+            raise InputError(f"CSLLoss: {len(margins)} margin(s) for {L} label level(s)")
         if reduction not in ("sum", "mean"):
-            raise ValueError(f"CSLLoss: reduction must be 'sum' or 'mean', got {reduction!r}")
+            raise InputError(f"CSLLoss: reduction must be 'sum' or 'mean', got {reduction!r}")
         self.margins, self.scale, self.reduction = margins, float(scale), reduction
         self.num_classes, self.embedding_size = C, embedding_size
         self.register_buffer("class_labels", class_labels)

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.function import once_differentiable
 
+from hapkit.errors import InputError
 from hapkit.losses.base import LossInputs, chunk_elements_for, require_other_positive
 
 __all__ = [
@@ -79,11 +80,11 @@ class UpperStep:
 
     def __post_init__(self):
         if not self.tau > 0:
-            raise ValueError(f"upper step: tau must be > 0, got {self.tau}")
+            raise InputError(f"upper step: tau must be > 0, got {self.tau}")
         if not self.delta >= 0:
-            raise ValueError(f"upper step: delta must be >= 0, got {self.delta}")
+            raise InputError(f"upper step: delta must be >= 0, got {self.delta}")
         if not self.rho >= 0:
-            raise ValueError(f"upper step: rho must be >= 0 (the step must not decrease), got {self.rho}")
+            raise InputError(f"upper step: rho must be >= 0 (the step must not decrease), got {self.rho}")
 
     def __call__(self, d: torch.Tensor) -> torch.Tensor:
         return upper_step(d, self.tau, self.rho, self.delta, self.start, self.offset, self.paper_branch)
@@ -265,7 +266,7 @@ def upper_rank_sum(
     analytic derivative instead of storing them.
     """
     if scores.shape != shared.shape or scores.dim() != 2:
-        raise ValueError(
+        raise InputError(
             f"scores and shared must both be (Q, M), got {tuple(scores.shape)} and {tuple(shared.shape)}"
         )
     chunk = chunk_elements_for(chunk_elements, scores.device, CPU_CHUNK_ELEMENTS, GPU_CHUNK_ELEMENTS)

@@ -22,6 +22,7 @@ import torch
 from pytorch_metric_learning.distances import DotProductSimilarity
 from pytorch_metric_learning.losses import ContrastiveLoss
 
+from hapkit.errors import InputError
 from hapkit.losses.base import HapkitLoss, LossInputs, check_column, prepare_inputs, reduce_queries
 from hapkit.losses.rank import DEFAULT_STEP, UpperStep, check_has_positive, float32_compute, smooth_hap
 
@@ -156,7 +157,7 @@ class ROADMAP(HapkitLoss):
     ):
         super().__init__()
         if len(weights) != 2:
-            raise ValueError(f"ROADMAP: weights must be (w_supap, w_calibration), got {weights!r}")
+            raise InputError(f"ROADMAP: weights must be (w_supap, w_calibration), got {weights!r}")
         self.weights = tuple(float(w) for w in weights)
         self.supap = SupAP(**supap_kwargs)
         self.calibration = CalibrationLoss(pos_margin, neg_margin, column=self.supap.column)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from hapkit.errors import InputError
 from hapkit.losses.base import (
     HapkitLoss,
     binary_positives,
@@ -106,7 +107,7 @@ class SmoothAP(HapkitLoss):
     ):
         super().__init__()
         if tau <= 0:
-            raise ValueError(f"SmoothAP: tau must be > 0, got {tau}")
+            raise InputError(f"SmoothAP: tau must be > 0, got {tau}")
         self.tau = float(tau)
         self.column = column
         self.exclude_self = exclude_self

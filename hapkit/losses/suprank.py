@@ -19,6 +19,7 @@ from typing import Sequence
 
 import torch
 
+from hapkit.errors import InputError
 from hapkit.hierarchy import shared_levels
 from hapkit.losses.base import (
     HapkitLoss,
@@ -98,9 +99,9 @@ class SupRecall(_SupRankLoss):
         super().__init__(tau, rho, delta, start, offset, paper_branch, exclude_self, chunk_elements)
         ks = tuple(int(k) for k in ks)
         if not ks or min(ks) < 1:
-            raise ValueError(f"SupRecall: ks must be positive ranks, got {ks!r}")
+            raise InputError(f"SupRecall: ks must be positive ranks, got {ks!r}")
         if not temp > 0:
-            raise ValueError(f"SupRecall: temp must be > 0, got {temp}")
+            raise InputError(f"SupRecall: temp must be > 0, got {temp}")
         self.ks, self.temp, self.column = ks, float(temp), column
 
     def per_query(self, embeddings, labels, ref_emb=None, ref_labels=None):

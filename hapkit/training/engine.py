@@ -455,6 +455,7 @@ class Trainer:
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.loss_fn = build_loss(cfg, self.train_labels, embedding_size=self.model.embedding_size).to(self.device)
+        self.loss_fn.check_finite = False  # _track_finite reports NaN without a host sync per step
         self.memory = TrainingMemory.from_recipe(cfg.train.memory, self.loss_fn, self.model.embedding_size,
                                                  self.train_labels.shape[1], cfg.data.batch_size, self.device)
 

@@ -90,13 +90,21 @@ def _merge(base: dict, update: dict, top: bool = True) -> dict:
     return out
 
 
+def _one_line(err: yaml.YAMLError) -> str:
+    """PyYAML's multi-line report (problem, context, a caret under the text) as one line."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return " ".join(f"{where}{problem}".split())
+
+
 def read_recipe_dict(recipe: str, dataset: str | None = None, _seen: tuple = ()) -> dict:
     """The recipe as a plain dict with ``extends`` resolved (not yet type-checked)."""
     path = recipe_path(recipe, dataset)
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"recipe {path} is not valid YAML: {e}") from e
+        raise ConfigError(f"recipe {path} is not valid YAML: {_one_line(e)}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {path} must be a mapping of sections, got {type(data).__name__}")
     parent = data.pop("extends", None)
@@ -128,6 +136,23 @@ def published_numbers() -> "pd.DataFrame":
     return pd.DataFrame(rows, columns=["recipe", "method", "dataset", "metric", "paper", "description"])
 
 
+def _check_overrides(overrides) -> None:
+    if overrides is None:
+        return
+    if isinstance(overrides, dict):
+        keys = list(overrides)
+    elif isinstance(overrides, (list, tuple)):
+        keys = list(overrides)
+    else:
+        keys = [None]
+    bad = [k for k in keys if not isinstance(k, str)]
+    if bad:
+        raise ConfigError(
+            f"overrides must be a list of 'section.key=value' strings or a mapping from 'section.key' "
+            f"to values, got {overrides!r}"
+        )
+
+
 def load_recipe(recipe: str, dataset: str | None = None, overrides=None) -> Recipe:
     """Read, type-check, range-check and override a recipe (the overridden recipe is checked again).
 
@@ -135,6 +160,7 @@ def load_recipe(recipe: str, dataset: str | None = None, overrides=None) -> Reci
     ``"sop"``) or a path to a YAML file. ``overrides`` are ``"section.key=value"`` strings or a
     mapping, e.g. ``["optim.lr=1e-5", "train.epochs=3"]``.
     """
+    _check_overrides(overrides)
     data = read_recipe_dict(recipe, dataset)
     try:
         cfg = validate_recipe(from_dict(Recipe, data))
