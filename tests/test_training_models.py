@@ -167,7 +167,7 @@ def test_pretrained_weights_are_loaded_when_available(monkeypatch):
 
 
 def test_unknown_backbone_and_bad_config_are_clear_errors():
-    with pytest.raises(ValueError, match="unknown backbone 'resnet5'"):
+    with pytest.raises(ValueError, match="model.backbone='resnet5' is not a known backbone"):
         build_model(ModelConfig(backbone="resnet5"))
     with pytest.raises(ConfigError, match="model.pooling"):
         build_model({"backbone": "small_cnn", "pooling": "mean"})

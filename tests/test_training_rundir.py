@@ -277,3 +277,54 @@ def test_training_killed_anywhere_resumes_to_the_uninterrupted_result(tmp_path):
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["test/H-AP"] for r in lines] == list(full.history["test/H-AP"])
     assert digest_path(out / "checkpoint.pt").is_file()
+
+
+# ------------------------------------------------------------------- one line, never a traceback
+
+
+def one_line_error(capsys, argv, *expected):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"hapkit {argv[0]}: error: ") and err.count("\n") == 1, err
+    for text in expected:
+        assert text in err, err
+    return err
+
+
+def test_user_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
+    # a malformed annotation line of a real dataset format: the file, the line and its content
+    sop = tmp_path / "sop"
+    sop.mkdir()
+    (sop / "Ebay_train.txt").write_text("image_id class_id super_class_id path\n1 1 bicycle_final/a.JPG\n")
+    (sop / "Ebay_test.txt").write_text("image_id class_id super_class_id path\n")
+    one_line_error(capsys, ["train", "--recipe", "happier_sop", "--data-root", str(sop), "--out", str(tmp_path / "a"),
+                            "--no-progress"], "Ebay_train.txt", "line 2")
+    # ImageNet weights that cannot be fetched (offline)
+    import hapkit.training.models as models
+
+    def offline(url):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(models, "_fetch_state_dict", offline)
+    one_line_error(capsys, ["train", "--recipe", "happier_generated", "--out", str(tmp_path / "b"), "--set",
+                            "model.backbone=resnet18", "--set", "model.pretrained=required", "--no-progress"],
+                   "could not load ImageNet weights", "model.pretrained=false")
+    # a missing extra names the pip extra
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "timm" else find_spec(name, *a))
+    one_line_error(capsys, ["train", "--recipe", "happier_generated", "--out", str(tmp_path / "c"), "--set",
+                            "model.backbone=timm:resnet18", "--no-progress"], "hapkit[timm]")
+    # a CUDA device on a machine without one
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    one_line_error(capsys, ["evaluate", "--checkpoint", str(tmp_path / "none.pt"), "--device", "cuda"], "cuda")
+    # nonsense settings: nothing is written
+    one_line_error(capsys, ["train", "--recipe", "happier_generated", "--out", str(tmp_path / "d"), "--set",
+                            "train.epochs=-1"], "train.epochs=-1")
+    assert not (tmp_path / "d").exists()
+    # --debug: the same error with its traceback
+    with pytest.raises(RunExistsError):
+        (tmp_path / "e").mkdir()
+        (tmp_path / "e" / "metrics.jsonl").write_text('{"epoch": 1}\n')
+        main(["train", "--recipe", "happier_generated", "--out", str(tmp_path / "e"), "--debug"])

@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hapkit.errors import HapkitError
+from hapkit._lazy import require_extra
+from hapkit.errors import HapkitError, InputError
 
 __all__ = [
     "GeM",
@@ -98,7 +99,7 @@ def build_pooling(kind: str, gem_p: float = 3.0) -> nn.Module:
         return _GlobalPool(kind)
     if kind == "gem":
         return GeM(gem_p)
-    raise ValueError(f"unknown pooling {kind!r}; choose 'avg', 'max' or 'gem'")
+    raise InputError(f"model.pooling={kind!r} is not a pooling; choose 'avg', 'max' or 'gem'")
 
 
 class SmallCNN(nn.Module):
@@ -176,7 +177,7 @@ class _TimmTrunk(nn.Module):
             return self.model(x)
         feats = self.model.forward_features(x)
         if feats.dim() != 4:
-            raise ValueError(
+            raise InputError(
                 "this timm backbone returns tokens, not a feature map: use model.pooling=default "
                 "(the model's own pooling, e.g. the class token)"
             )
@@ -184,17 +185,16 @@ class _TimmTrunk(nn.Module):
 
 
 def _timm_backbone(name: str, pretrained, pooling: str) -> tuple[nn.Module, int]:
-    try:
-        import timm
-    except ImportError as e:
-        raise ImportError(f"backbone 'timm:{name}' needs timm: pip install 'hapkit[timm]'") from e
+    require_extra("timm", "timm", what=f"backbone 'timm:{name}'")
+    import timm
+
     own = pooling == "default"
     kwargs = dict(num_classes=0) if own else dict(num_classes=0, global_pool="")
     try:
         model = timm.create_model(name, pretrained=bool(pretrained), **kwargs)
     except RuntimeError as e:
         if "Unknown model" in str(e):
-            raise ValueError(f"timm has no model {name!r}; see timm.list_models()") from e
+            raise InputError(f"model.backbone=timm:{name}: timm has no model {name!r}; see timm.list_models()") from e
         if not pretrained:
             raise
         _unavailable(f"timm:{name}", e, pretrained)
@@ -222,10 +222,9 @@ def distilled_to_plain_deit(state: dict) -> dict:
 
 
 def _deit_small_distilled(pretrained) -> tuple[nn.Module, int]:
-    try:
-        import timm
-    except ImportError as e:
-        raise ImportError("backbone 'deit_small_distilled' needs timm: pip install 'hapkit[timm]'") from e
+    require_extra("timm", "timm", what="backbone 'deit_small_distilled'")
+    import timm
+
     model = timm.create_model("deit_small_patch16_224", pretrained=False, num_classes=0)
     if pretrained:
         try:
@@ -255,9 +254,9 @@ def build_backbone(name: str, pretrained=True, pooling: str = "avg", width: int 
         return _timm_backbone(name[len("timm:"):], pretrained, pooling)
     if name == "deit_small_distilled":
         if pooling != "default":
-            raise ValueError("backbone deit_small_distilled embeds with its class token: use model.pooling=default")
+            raise InputError("backbone deit_small_distilled embeds with its class token: use model.pooling=default")
         return _deit_small_distilled(pretrained)
-    raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+    raise InputError(f"model.backbone={name!r} is not a known backbone; choose one of {', '.join(BACKBONES)}")
 
 
 def freeze_batchnorm(module: nn.Module) -> None:
@@ -357,7 +356,7 @@ def build_model(cfg) -> EmbeddingModel:
         cfg = from_dict(ModelConfig, dict(cfg), "model")
     trunk, dim = build_backbone(cfg.backbone, cfg.pretrained, cfg.pooling, cfg.width)
     if cfg.pooling == "default" and not (cfg.backbone.startswith("timm:") or cfg.backbone == "deit_small_distilled"):
-        raise ValueError("model.pooling=default is for timm backbones; use avg, max or gem")
+        raise InputError("model.pooling=default is for timm backbones; use avg, max or gem")
     return EmbeddingModel(
         trunk,
         dim,
