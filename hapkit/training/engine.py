@@ -127,8 +127,17 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     if amp == "auto":
         if device.type != "cuda":
             return None  # CPU autocast is slower than float32 for these models
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if _native_bf16() else torch.float16
     raise ConfigError(f"train.amp must be auto, bf16, fp16 or none, got {amp!r}")
+
+
+def _native_bf16() -> bool:
+    """Whether the GPU computes bf16 natively: recent torch also reports emulated bf16 (much
+    slower than float16) as supported unless asked not to."""
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # torch without the keyword reports native support only
+        return torch.cuda.is_bf16_supported()
 
 
 def loss_names() -> list[str]:
@@ -902,7 +911,8 @@ class Trainer:
                 batch_size=self.cfg.data.eval_batch_size,
                 num_workers=self.cfg.data.num_workers,
                 device=self.device,
-                amp=self.amp_dtype is not None,
+                # the training's dtype (bf16 stays bf16) on CUDA; CPU evaluation stays in float32
+                amp=(self.amp_dtype or False) if self.device.type == "cuda" else False,
                 metrics=self.cfg.eval.metrics,
                 max_items=self.cfg.eval.max_items,
                 progress=self.progress and self.dist.is_main,
