@@ -75,6 +75,29 @@ _TOPK_FAMILIES = frozenset({"R@k", "P@1"})
 # busy CPU runs best. GPUs take bigger chunks.
 _CPU_CHUNK_ELEMENTS = 2**23
 _CUDA_CHUNK_ELEMENTS = 2**26
+# On CUDA the chunk follows the free memory: bytes of one query's working set per gallery item,
+# per (relevant item, level), per relevant item, and the share of the free memory a chunk may take
+_PAIR_BYTES, _RELEVANT_LEVEL_BYTES, _RELEVANT_BYTES, _FREE_SHARE = 40, 48, 64, 0.5
+
+
+def cuda_chunk_size(free_bytes: int, num_gallery: int, num_levels: int, max_relevant: int, num_queries: int) -> int:
+    """Queries per chunk on a GPU with ``free_bytes`` free (``torch.cuda.mem_get_info``): a
+    chunk's scores and sort order grow with the gallery, the ranked relevant items with each
+    query's relevant count (``max_relevant``, all items under a shared root) times the levels."""
+    per_query = (_PAIR_BYTES * num_gallery
+                 + max_relevant * (_RELEVANT_BYTES + _RELEVANT_LEVEL_BYTES * num_levels))
+    return int(min(max(1, num_queries), max(1, int(free_bytes * _FREE_SHARE) // max(1, per_query))))
+
+
+def _faiss_index(faiss, dim: int, device: torch.device):
+    """An inner-product index where the search runs: on the GPU when faiss was built with GPU
+    support, None when the search belongs on the GPU but this faiss has none (torch then ranks)."""
+    index = faiss.IndexFlatIP(dim)
+    if device.type != "cuda":
+        return index
+    if not hasattr(faiss, "StandardGpuResources"):
+        return None
+    return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), device.index or 0, index)
 
 
 @dataclass
@@ -263,16 +286,16 @@ def _topk_faiss(faiss, index, queries: torch.Tensor, gallery: torch.Tensor, k: i
         D, I = D.gather(1, order), I.gather(1, order)
         n_valid = keep.sum(1)
     else:
-        n_valid = torch.full((Q,), k_search, dtype=torch.int64)
+        n_valid = torch.full((Q,), k_search, dtype=torch.int64, device="cpu")
     k_eff = min(k, G - extra)
-    cols = torch.arange(D.shape[1])
+    cols = torch.arange(D.shape[1], device="cpu")
     valid = cols[None, :] < n_valid[:, None]
     # A tie between two of the first k_eff + 1 valid scores may be ordered arbitrarily by faiss.
     decide = valid & (cols[None, :] <= k_eff)
-    tie = torch.zeros(Q, dtype=torch.bool)
+    tie = torch.zeros(Q, dtype=torch.bool, device="cpu")
     if D.shape[1] > 1:
         tie = ((D[:, 1:] == D[:, :-1]) & decide[:, 1:]).any(1)
-    out = torch.full((Q, k), -1, dtype=torch.int64)
+    out = torch.full((Q, k), -1, dtype=torch.int64, device="cpu")
     n_take = min(k_eff, I.shape[1])
     out[:, :n_take] = I[:, :n_take]
     if bool(tie.any()):
@@ -322,12 +345,13 @@ def _full_chunk_metrics(rr: RankedRelevant, fams, cols, ks, L, rel_kwargs) -> di
 
 def _topk_chunk_metrics(neighbours, q_labels, g_labels_ext, has_pos, fams, cols, ks, L) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
+    neighbours = neighbours.to(g_labels_ext.device)  # faiss answers on the CPU
     valid = neighbours >= 0
     nb_labels = g_labels_ext[neighbours.clamp(min=0)]  # (Q, k, L); distractor rows are -1
     for c in cols:
         hit = (nb_labels[:, :, c] == q_labels[:, None, c]) & valid
         empty = has_pos[:, c] == 0
-        nan = torch.full(hit.shape[:1], float("nan"), dtype=torch.float64)
+        nan = torch.full(hit.shape[:1], float("nan"), dtype=torch.float64, device=hit.device)
         if "P@1" in fams:
             out[f"P@1@{c}"] = torch.where(empty, nan, hit[:, 0].to(torch.float64))
         if "R@k" in fams:
@@ -364,9 +388,11 @@ class _Inputs:
         return int(self.gallery.shape[0])
 
 
-def _check_gallery_exclude(gallery_exclude, num_queries: int, num_gallery: int, same_set: bool) -> torch.Tensor | None:
+def _check_gallery_exclude(gallery_exclude, num_queries: int, num_gallery: int, same_set: bool,
+                           device: torch.device = torch.device("cpu")) -> torch.Tensor | None:
+    """The validated (Q,) int64 own-copy indices, on ``device`` (the labels')."""
     if gallery_exclude is None:
-        return torch.arange(num_queries) if same_set else None
+        return torch.arange(num_queries, device=device) if same_set else None
     if same_set:
         raise InputError(
             "gallery_exclude needs a separate gallery (gallery_embeddings / gallery_labels): in the "
@@ -381,7 +407,7 @@ def _check_gallery_exclude(gallery_exclude, num_queries: int, num_gallery: int, 
     ex = ex.to(torch.int64)
     if ex.numel() and bool(((ex < -1) | (ex >= num_gallery)).any()):
         raise InputError(f"gallery_exclude holds indices outside [-1, {num_gallery}) (the gallery has {num_gallery} items)")
-    return ex
+    return ex.to(device)
 
 
 def _check_inputs(embeddings, labels, gallery_embeddings, gallery_labels, distractor_embeddings, gallery_exclude=None) -> _Inputs:
@@ -415,7 +441,7 @@ def _check_inputs(embeddings, labels, gallery_embeddings, gallery_labels, distra
             raise InputError(f"distractor_embeddings have dimension {d_emb.shape[1]}, embeddings {q_emb.shape[1]}")
     if g_emb.shape[0] - int(same_set) + (0 if d_emb is None else d_emb.shape[0]) <= 0:
         raise InputError("the gallery is empty: the same-set protocol needs at least two items")
-    exclude = _check_gallery_exclude(gallery_exclude, q_emb.shape[0], g_emb.shape[0], same_set)
+    exclude = _check_gallery_exclude(gallery_exclude, q_emb.shape[0], g_emb.shape[0], same_set, q_lab.device)
     return _Inputs(q_emb, q_lab, g_emb, g_lab, d_emb, same_set, exclude)
 
 
@@ -459,7 +485,7 @@ def _plan(inputs: _Inputs, metrics, columns, relevance, alpha, weights, ks, chun
     ks = _resolve_ks(ks)
     rel_kwargs = dict(kind=relevance, alpha=alpha, weights=weights, count_query=inputs.same_set)
     if "H-AP" in fams:  # fail now on a bad relevance option, not after the first chunk
-        relevance_fn(torch.zeros(1, 1, dtype=torch.uint8), L, **{**rel_kwargs, "count_query": False})
+        relevance_fn(torch.zeros(1, 1, dtype=torch.uint8, device="cpu"), L, **{**rel_kwargs, "count_query": False})
     dev = torch.device(device) if device is not None else inputs.queries.device
     dtype = torch.promote_types(torch.promote_types(inputs.queries.dtype, inputs.gallery.dtype), torch.float32)
     topk_only = fams <= _TOPK_FAMILIES
@@ -468,12 +494,18 @@ def _plan(inputs: _Inputs, metrics, columns, relevance, alpha, weights, ks, chun
         raise ImportError("use_faiss=True but faiss is not installed: pip install faiss-cpu (or faiss-gpu)")
     if use_faiss is None:
         use_faiss = faiss is not None and dev.type == "cpu"
+    if use_faiss and dev.type == "cuda" and not hasattr(faiss, "StandardGpuResources"):
+        use_faiss = False  # a CPU index would copy every chunk to the host: torch ranks on the GPU
     G = inputs.num_gallery + (0 if inputs.distractors is None else inputs.distractors.shape[0])
     # faiss parallelises its searches itself; other CPU work runs chunks side by side
     workers = 1 if dev.type != "cpu" or (use_faiss and topk_only) else max(1, torch.get_num_threads())
-    if chunk_size is None:
-        per = _CUDA_CHUNK_ELEMENTS if dev.type == "cuda" else _CPU_CHUNK_ELEMENTS // workers
-        chunk_size = max(1, per // G)
+    if chunk_size is None and dev.type == "cuda":
+        # the items a query ranks as relevant: those sharing its coarsest label
+        relevant = 0 if topk_only else int(_counts_at_levels(inputs.query_labels[:, -1:], inputs.gallery_labels[:, -1:],
+                                                             None).max())
+        chunk_size = cuda_chunk_size(torch.cuda.mem_get_info(dev)[0], G, L, relevant, inputs.queries.shape[0])
+    elif chunk_size is None:
+        chunk_size = max(1, _CPU_CHUNK_ELEMENTS // workers // G)
     if int(chunk_size) < 1:
         raise InputError(f"chunk_size must be >= 1, got {chunk_size}")
     return _Plan(
@@ -499,19 +531,19 @@ def _run_chunks(inputs: _Inputs, plan: _Plan, progress: bool, starts=None) -> to
     G = gallery.shape[0]
     Q = inputs.queries.shape[0]
     # distractors (after the gallery proper) share nothing: labels -1
-    g_lab_ext = torch.cat([inputs.gallery_labels, torch.full((G - n_main, L), -1, dtype=torch.int64)])
+    g_lab_ext = torch.cat([inputs.gallery_labels,
+                           torch.full((G - n_main, L), -1, dtype=torch.int64, device=inputs.gallery_labels.device)])
     g_lab_dev = g_lab_ext.to(dev)
     index = has_pos = None
     if plan.use_faiss:
-        faiss = _faiss()
-        index = faiss.IndexFlatIP(gallery.shape[1])
+        index = _faiss_index(_faiss(), gallery.shape[1], dev)
         index.add(np.ascontiguousarray(gallery.float().cpu().numpy()))
     if plan.topk_only:
         has_pos = _counts_at_levels(inputs.query_labels, inputs.gallery_labels, inputs.exclude)
 
     # Filled in place: small per-chunk tensors kept alive between the large temporary ones would
     # fragment the CPU heap and make the memory footprint grow chunk after chunk.
-    values = torch.full((len(plan.names), Q), float("nan"), dtype=torch.float64)
+    values = torch.full((len(plan.names), Q), float("nan"), dtype=torch.float64, device="cpu")
     local = threading.local()  # one Workspace per thread
 
     def run_chunk(start: int) -> None:
@@ -672,6 +704,15 @@ def evaluate(
         raise InputError("indices / gallery_indices order the shards of distributed=True; without it, pass the rows in order")
     inputs = _check_inputs(embeddings, labels, gallery_embeddings, gallery_labels, distractor_embeddings, gallery_exclude)
     plan = _plan(inputs, metrics, columns, relevance, alpha, weights, ks, chunk_size, device, use_faiss)
+    if world > 1 and chunk_size is None and plan.device.type == "cuda":
+        # each GPU has its own free memory: one chunk size for all, or the chunks would not line up
+        import dataclasses
+
+        import torch.distributed as dist
+
+        agreed = torch.tensor([plan.chunk_size], device=_comm_device())
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+        plan = dataclasses.replace(plan, chunk_size=int(agreed))
     if world == 1:
         values = _run_chunks(inputs, plan, progress)
     else:
@@ -1270,11 +1311,19 @@ def _split_batch(batch):
     )
 
 
-def extract_embeddings(model, loader, device=None, amp: bool = True, progress: bool = True):
+def _autocast(device: torch.device, amp: bool | torch.dtype):
+    """The autocast context of ``amp`` (see :func:`extract_embeddings`)."""
+    if isinstance(amp, torch.dtype):
+        return torch.autocast(device_type=device.type, dtype=amp)
+    return torch.autocast(device_type=device.type, enabled=bool(amp) and device.type == "cuda")
+
+
+def extract_embeddings(model, loader, device=None, amp: bool | torch.dtype = True, progress: bool = True):
     """Embed every batch of ``loader`` with ``model``; returns (embeddings, labels).
 
     Runs in eval mode without gradients (the model's previous mode is restored afterwards), with
-    autocast on CUDA when ``amp`` (CPU runs stay in float32). ``device`` defaults to the device of
+    autocast on CUDA when ``amp`` is True (float16, CPU runs stay in float32); ``amp`` a dtype
+    (the training's, e.g. ``torch.bfloat16``) autocasts to that dtype on any device. ``device`` defaults to the device of
     the model's parameters. Returns a float32 CPU tensor (N, D) and int64 labels (N, L), validated
     as a tree.
     """
@@ -1290,7 +1339,7 @@ def extract_embeddings(model, loader, device=None, amp: bool = True, progress: b
             for batch in tqdm(loader, desc="embeddings", unit="batch", disable=not progress, leave=False):
                 images, labels = _split_batch(batch)
                 images = images.to(device, non_blocking=True)
-                with torch.autocast(device_type=device.type, enabled=bool(amp) and device.type == "cuda"):
+                with _autocast(device, amp):
                     out = model(images)
                 embs.append(out.detach().float().cpu())
                 labs.append(torch.as_tensor(labels).cpu())

@@ -612,9 +612,9 @@ def _radix_entries(S, relevant, rows_x, ex, ws):
     flat = item + base
     flat_scores = S.reshape(-1)
     n = at.numel()
-    before = torch.zeros(n, dtype=torch.int64)  # items of the same bin ahead in the order
-    beats = torch.zeros(n, dtype=torch.int64)  # items of the same bin that rank before
-    move = torch.zeros(n, dtype=torch.int64)  # change of place among the relevant items
+    before = torch.zeros(n, dtype=torch.int64, device=S.device)  # items of the same bin ahead in the order
+    beats = torch.zeros(n, dtype=torch.int64, device=S.device)  # items of the same bin that rank before
+    move = torch.zeros(n, dtype=torch.int64, device=S.device)  # change of place among the relevant items
     for side in (-1, 1):
         # the entries whose bin continues at distance d on this side (most items are alone)
         active = (padded.index_select(0, at_padded + side) == key).nonzero().squeeze(1)
@@ -641,7 +641,7 @@ def _radix_entries(S, relevant, rows_x, ex, ws):
             beats.index_add_(0, active, wins.to(torch.int64))
     count = torch.bincount(row, minlength=Q)
     first = torch.cumsum(count, 0) - count
-    position = torch.arange(n).sub_(first.index_select(0, row)).add_(move)
+    position = torch.arange(n, device=S.device).sub_(first.index_select(0, row)).add_(move)
     return row, item, p.sub_(before).add_(beats).add_(1), position
 
 

@@ -17,6 +17,7 @@ number of shared levels ``shared`` (v: 0 = unrelated, L = same fine class, see
 from __future__ import annotations
 
 import inspect
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Callable, ClassVar, Iterator
 
@@ -35,6 +36,7 @@ __all__ = [
     "check_indices_tuple",
     "LossInputs",
     "prepare_inputs",
+    "fill_self_",
     "NoPositiveError",
     "require_other_positive",
     "check_column",
@@ -72,6 +74,12 @@ def check_indices_tuple(indices_tuple, loss_name: str) -> None:
         )
 
 
+# The rows of ref_emb that are the queries themselves, set by HapkitLoss.forward for the duration
+# of one call: composite losses (HAPPIER, ROADMAP) pass the reference set on to their parts
+# without knowing about it, and a memory bank's call made outside that one never sees it.
+_QUERY_OFFSET: ContextVar[int | None] = ContextVar("hapkit_query_offset", default=None)
+
+
 class HapkitLoss(BaseMetricLossFunction):
     """Base class of hapkit's losses: a pytorch-metric-learning loss that declares what a
     training loop needs to know about it.
@@ -80,6 +88,9 @@ class HapkitLoss(BaseMetricLossFunction):
     positional order. ``labels`` are (B, L) (or (B,) for one level), finest level first.
     ``indices_tuple`` (PML's mined pairs or triplets) is accepted and ignored: rank losses rank
     every pair of the batch (or of ``ref_emb``), proxy losses compare with their proxies.
+    ``query_offset`` (keyword only) says that the queries are rows ``query_offset ..
+    query_offset + B - 1`` of ``ref_emb`` (a batch gathered from several processes): each query
+    is then known in its own ranking, as in the same-set call, and ``exclude_self`` removes it.
     Subclasses implement :meth:`batch_loss`; :meth:`forward` hands its value to PML's reducer
     and embedding regularizer, which leave an already reduced loss unchanged.
 
@@ -122,7 +133,8 @@ class HapkitLoss(BaseMetricLossFunction):
         # What every hapkit loss computes: dot products of L2-normalised embeddings.
         return DotProductSimilarity(normalize_embeddings=False)
 
-    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None, *,
+                query_offset: int | None = None):
         """The loss of ``embeddings`` (queries) against ``ref_emb`` (default: the batch itself)."""
         name = type(self).__name__
         if labels is None:
@@ -133,8 +145,15 @@ class HapkitLoss(BaseMetricLossFunction):
                 if isinstance(value, torch.Tensor):
                     check_finite(value, f"{name}: {arg}", undefined="the loss and its gradient would be NaN",
                                  hint="Check the model and the learning rate (diverged training, fp16 overflow).")
+        if query_offset is not None and ref_emb is None:
+            raise InputError(f"{name}: query_offset locates the queries in ref_emb; pass ref_emb and ref_labels too")
         self.reset_stats()
-        loss_dict = self.compute_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        token = _QUERY_OFFSET.set(query_offset) if query_offset is not None else None
+        try:
+            loss_dict = self.compute_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        finally:
+            if token is not None:
+                _QUERY_OFFSET.reset(token)
         self.add_embedding_regularization_to_loss_dict(loss_dict, embeddings)
         return self.reducer(loss_dict, embeddings, labels)
 
@@ -175,10 +194,21 @@ class LossInputs:
     ref_emb: torch.Tensor  # (M, D) float32; the batch itself when no reference set is given
     ref_labels: torch.Tensor  # (M, L) int64
     same_set: bool  # True when ref_emb is the batch itself (query i is ref item i)
+    # query i is ref item self_offset + i (0 in the same-set case); None: the queries are not in ref_emb
+    self_offset: int | None = None
 
     @property
     def num_levels(self) -> int:
         return self.labels.shape[1]
+
+
+def fill_self_(x: torch.Tensor, inputs: LossInputs, value) -> torch.Tensor:
+    """Set each query's own entry of a (B, M) tensor to ``value`` in place (a no-op when the
+    queries are not in the reference set); returns ``x``."""
+    if inputs.self_offset is not None:
+        off, B = inputs.self_offset, x.shape[0]
+        x[:, off : off + B].fill_diagonal_(value)
+    return x
 
 
 def prepare_inputs(
@@ -210,7 +240,7 @@ def prepare_inputs(
         raise InputError(f"{loss_name}: give both ref_emb and ref_labels, or neither")
     emb = embeddings.float()
     if ref_emb is None:
-        return LossInputs(emb, labels, emb, labels, True)
+        return LossInputs(emb, labels, emb, labels, True, 0)
     if ref_emb.dim() != 2 or ref_emb.shape[1] != embeddings.shape[1]:
         raise InputError(
             f"{loss_name}: ref_emb must be (M, {embeddings.shape[1]}), got {tuple(ref_emb.shape)}"
@@ -224,7 +254,13 @@ def prepare_inputs(
         raise InputError(
             f"{loss_name}: labels have {labels.shape[1]} level(s), ref_labels {ref_labels.shape[1]}"
         )
-    return LossInputs(emb, labels, ref_emb.to(device).float(), ref_labels, False)
+    offset = _QUERY_OFFSET.get()
+    if offset is not None and not (isinstance(offset, int) and 0 <= offset <= ref_emb.shape[0] - emb.shape[0]):
+        raise InputError(
+            f"{loss_name}: query_offset={offset!r} does not place {emb.shape[0]} queries inside the "
+            f"{ref_emb.shape[0]} reference rows; give the row of ref_emb that holds the first query"
+        )
+    return LossInputs(emb, labels, ref_emb.to(device).float(), ref_labels, False, offset)
 
 
 def check_column(column, num_levels: int, loss_name: str) -> None:
@@ -240,11 +276,9 @@ def require_other_positive(related: torch.Tensor, inputs: LossInputs, what: str,
     """Raise :class:`NoPositiveError` when no query has a related item other than itself.
 
     ``related`` is a (B, M) boolean mask of the reference items each query counts as positive;
-    in the same-set protocol the query's own entry (the diagonal) does not count.
+    the query's own entry (the diagonal in the same-set protocol) does not count.
     """
-    others = related.clone()
-    if inputs.same_set:
-        others.fill_diagonal_(False)
+    others = fill_self_(related.clone(), inputs, False)
     if not bool(others.any()):
         raise NoPositiveError(
             f"{loss_name}: no query in this batch of {related.shape[0]} has another item that "
@@ -257,13 +291,13 @@ def require_other_positive(related: torch.Tensor, inputs: LossInputs, what: str,
 def ranking_mask(inputs: LossInputs, exclude_self: bool) -> torch.Tensor:
     """(B, M) bool: which reference items take part in each query's ranking.
 
-    In the same-set case the query is its own top-ranked positive by default (SPEC, "Batch
-    surrogates"); ``exclude_self`` removes it, as in the evaluation protocol.
+    In the same-set case (or with ``query_offset``) the query is its own top-ranked positive by
+    default (SPEC, "Batch surrogates"); ``exclude_self`` removes it, as in the evaluation protocol.
     """
     B, M = inputs.embeddings.shape[0], inputs.ref_emb.shape[0]
     mask = torch.ones(B, M, dtype=torch.bool, device=inputs.embeddings.device)
-    if inputs.same_set and exclude_self:
-        mask.fill_diagonal_(False)
+    if exclude_self:
+        fill_self_(mask, inputs, False)
     return mask
 
 

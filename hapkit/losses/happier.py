@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from hapkit.errors import InputError
 from hapkit.hierarchy import LabelError, relevance, shared_levels
-from hapkit.losses.base import HapkitLoss, LossInputs, check_column, prepare_inputs, reduce_queries
+from hapkit.losses.base import HapkitLoss, LossInputs, check_column, fill_self_, prepare_inputs, reduce_queries
 from hapkit.losses.rank import DEFAULT_STEP, UpperStep, check_has_positive, float32_compute, smooth_hap
 
 __all__ = ["HAPLoss", "ClusterLoss", "HAPPIER", "batch_relevance"]
@@ -49,11 +49,11 @@ def batch_relevance(
     """
     V = shared_levels(inputs.labels, inputs.ref_labels)
     L = inputs.num_levels
-    drop_self = inputs.same_set and exclude_self
+    drop_self = exclude_self and inputs.self_offset is not None
     if drop_self:
-        Q = V.shape[0]
-        others = ~torch.eye(Q, dtype=torch.bool, device=V.device)
-        rel_others = relevance(V[others].view(Q, Q - 1), L, kind, alpha, weights, dtype=torch.float32)
+        Q, M = V.shape
+        others = fill_self_(torch.ones(Q, M, dtype=torch.bool, device=V.device), inputs, False)
+        rel_others = relevance(V[others].view(Q, M - 1), L, kind, alpha, weights, dtype=torch.float32)
         rel = torch.zeros(V.shape, dtype=torch.float32, device=V.device)
         rel.masked_scatter_(others, rel_others)
     else:
@@ -63,7 +63,7 @@ def batch_relevance(
     shared_rel = torch.zeros(V.shape[0], L + 1, dtype=torch.float32, device=V.device)
     shared_rel.scatter_reduce_(1, shared, rel, reduce="amax")
     if drop_self:
-        shared.fill_diagonal_(-1)
+        fill_self_(shared, inputs, -1)
     return shared, shared_rel
 
 

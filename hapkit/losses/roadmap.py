@@ -23,7 +23,7 @@ from pytorch_metric_learning.distances import DotProductSimilarity
 from pytorch_metric_learning.losses import ContrastiveLoss
 
 from hapkit.errors import InputError
-from hapkit.losses.base import HapkitLoss, LossInputs, check_column, prepare_inputs, reduce_queries
+from hapkit.losses.base import HapkitLoss, LossInputs, check_column, fill_self_, prepare_inputs, reduce_queries
 from hapkit.losses.rank import DEFAULT_STEP, UpperStep, check_has_positive, float32_compute, smooth_hap
 
 __all__ = ["SupAP", "CalibrationLoss", "ROADMAP"]
@@ -31,11 +31,11 @@ __all__ = ["SupAP", "CalibrationLoss", "ROADMAP"]
 
 def binary_shared(inputs: LossInputs, column: int, exclude_self: bool) -> torch.Tensor:
     """(Q, M) int64 shared levels of a one-level hierarchy: 1 where the ranked item shares the
-    query's label in ``column``, else 0; -1 for the query itself when it is excluded in
-    same-batch mode."""
+    query's label in ``column``, else 0; -1 for the query itself when it is excluded (same-batch
+    mode, or its row in a gathered reference set)."""
     shared = (inputs.labels[:, column, None] == inputs.ref_labels[None, :, column]).long()
-    if inputs.same_set and exclude_self:
-        shared.fill_diagonal_(-1)
+    if exclude_self:
+        fill_self_(shared, inputs, -1)
     return shared
 
 

@@ -132,8 +132,17 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     if amp == "auto":
         if device.type != "cuda":
             return None  # CPU autocast is slower than float32 for these models
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if _native_bf16() else torch.float16
     raise ConfigError(f"train.amp must be auto, bf16, fp16 or none, got {amp!r}")
+
+
+def _native_bf16() -> bool:
+    """Whether the GPU computes bf16 natively: recent torch also reports emulated bf16 (much
+    slower than float16) as supported unless asked not to."""
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # torch without the keyword reports native support only
+        return torch.cuda.is_bf16_supported()
 
 
 def loss_names() -> list[str]:
@@ -292,13 +301,20 @@ def evaluate_model(
 
     def embed(ds):
         ds = spread_subset(ds, max_items)
+        empty = False
         if world > 1:  # this process's contiguous share: the shards concatenate to the set in order
-            ds = torch.utils.data.Subset(ds, range(*share(len(ds))))
+            lo, hi = share(len(ds))
+            # a set smaller than the number of processes leaves this share empty: embed one item for
+            # the embedding size and label levels and contribute no row, so that this process still
+            # joins the others' collectives instead of raising alone
+            empty = lo == hi and len(ds) > 0
+            ds = torch.utils.data.Subset(ds, range(lo, hi) if not empty else range(1))
         loader = torch.utils.data.DataLoader(
             ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
             pin_memory=torch.device(device or "cpu").type == "cuda",
         )
-        return extract_embeddings(model, loader, device=device, amp=amp, progress=progress and rank == 0)
+        emb, lab = extract_embeddings(model, loader, device=device, amp=amp, progress=progress and rank == 0)
+        return (emb[:0], lab[:0]) if empty else (emb, lab)
 
     out: dict = {}
     per_set = []
@@ -486,6 +502,8 @@ class Trainer:
         self._bad_kind = torch.zeros((), device=self.device, dtype=torch.long)
         self._ddp = None
         self._ddp_frozen = None
+        self._probe_unused = False
+        self._control_group = None
 
     # ------------------------------------------------------------------------------ data
 
@@ -597,8 +615,21 @@ class Trainer:
     # ----------------------------------------------------------------------------- train
 
     def request_stop(self) -> None:
-        """Checkpoint and stop after the current step (e.g. from a SIGTERM handler)."""
+        """Checkpoint and stop after the current step (e.g. from a SIGTERM handler); with several
+        processes, all stop after the step in which any of them asked."""
         self._stop_requested = True
+
+    def _should_stop(self) -> bool:
+        """Whether to checkpoint and stop now: the same answer on every process."""
+        if self.dist.enabled:
+            # a signal reaches the processes at different steps: agree on it, over a gloo group so
+            # that reading the flag never waits for the GPU
+            if self._control_group is None:
+                self._control_group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+            flag = torch.tensor([int(self._stop_requested)])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._control_group)
+            self._stop_requested = bool(flag.item())
+        return (self.stop_after_steps is not None and self.global_step >= self.stop_after_steps) or self._stop_requested
 
     def _set_warmup(self, frozen: bool) -> None:
         # a group frozen for warm-up computes no gradient at all (the official loops compute its
@@ -607,12 +638,48 @@ class Trainer:
             for p in self.group_params.get(group, ()):
                 p.requires_grad_(not frozen)
         if self.dist.enabled and self._ddp_frozen != frozen:
-            # DDP registers the parameters that require grad when it is built: rebuild per phase
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self._ddp = DDP(self.model, device_ids=ids, broadcast_buffers=False)
+            # DDP registers the parameters that require grad when it is built: rebuild per phase.
+            # Whether some get no gradient (a timm head norm after avg pooling) is only known after a
+            # backward pass: the first step of a phase looks for them, and DDP is built again
+            # without the per-step graph search when there are none
+            self._build_ddp(find_unused=True)
+            self._probe_unused = True
             self._ddp_frozen = frozen
+
+    def _build_ddp(self, find_unused: bool) -> None:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        self._ddp = None  # the previous wrapper's hooks go before the new one registers its own
+        self._ddp = DDP(self.model, device_ids=ids, broadcast_buffers=False, find_unused_parameters=find_unused)
+
+    def _settle_unused_parameters(self) -> None:
+        """After the first backward pass of a phase: keep DDP's search for unused parameters only
+        if some parameter got no gradient (DDP leaves a gradient of None only on a parameter that
+        no process used, so every process decides alike)."""
+        self._probe_unused = False
+        unused = [n for n, p in self.model.named_parameters() if p.requires_grad and p.grad is None]
+        if not unused:
+            self._build_ddp(find_unused=False)
+
+    def _average_batchnorm_buffers(self) -> None:
+        # Without SyncBatchNorm (CUDA only) each process updates its running statistics from its own
+        # slice: their mean over processes keeps one set, the one evaluation embeds every share
+        # with and the checkpoint saves; equal slices make the running mean the global batch's
+        buffers = [b for m in self.model.modules()
+                   if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, nn.SyncBatchNorm)
+                   and m.training and m.track_running_stats
+                   for b in (m.running_mean, m.running_var) if b is not None]
+        if not buffers:
+            return
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        flat = _flatten_dense_tensors(buffers)
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat.div_(self.dist.world_size)
+        with torch.no_grad():
+            for b, avg in zip(buffers, _unflatten_dense_tensors(flat, buffers)):
+                b.copy_(avg)
 
     def _forward(self, images: torch.Tensor) -> torch.Tensor:
         net = self._ddp if self._ddp is not None else self.model
@@ -632,7 +699,10 @@ class Trainer:
         if self.dist.enabled and self.loss_fn.takes_reference_set:
             ref = gather_with_grad(emb)
             ref_labels = all_gather_nograd(labels)
-            loss = self.loss_fn(emb, labels, ref_emb=ref, ref_labels=ref_labels)
+            # this process's queries sit in the gathered batch at its slot: the loss must know
+            # them to leave each out of its own ranking (exclude_self), as in one process
+            loss = self.loss_fn(emb, labels, ref_emb=ref, ref_labels=ref_labels,
+                                query_offset=self.dist.rank * emb.shape[0])
         else:
             ref, ref_labels = emb, labels
             loss = self.loss_fn(emb, labels)
@@ -665,6 +735,9 @@ class Trainer:
 
     def _optimizer_step(self, frozen: bool) -> None:
         if self.dist.enabled:
+            if self._probe_unused:
+                self._settle_unused_parameters()
+            self._average_batchnorm_buffers()
             # the loss's own parameters are outside DDP: average their gradients by hand
             for p in self.loss_fn.parameters():
                 if p.grad is not None:
@@ -689,10 +762,19 @@ class Trainer:
         self._bad_kind = torch.where(first, kind, self._bad_kind)
 
     def _check_finite(self) -> None:
-        step = int(self._bad_step)
+        step, kind = self._bad_step, self._bad_kind
+        if self.dist.enabled:
+            # one decision for all processes: the first bad step of any, and what went bad; a
+            # process raising alone would leave the others waiting in the next collective
+            none = torch.iinfo(torch.long).max
+            flags = torch.stack([-torch.where(step < 0, torch.full_like(step, none), step), kind & 1, kind >> 1 & 1])
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            first, emb_bad, loss_bad = flags.tolist()
+            step, kind = (-1 if -first == none else -first), emb_bad + 2 * loss_bad
+        step = int(step)
         if step < 0:
             return
-        kind = int(self._bad_kind)
+        kind = int(kind)
         what = {1: "the embeddings", 2: "the loss", 3: "the embeddings and the loss"}[kind]
         saved = (
             f" The last good checkpoint is {self.checkpoint_path}." if self.checkpoint_path.is_file() else ""
@@ -794,7 +876,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{float(self._epoch_loss) / self._epoch_steps:.4f}")
             for cb in self.callbacks:
                 cb.on_step_end(self)
-            if (self.stop_after_steps is not None and self.global_step >= self.stop_after_steps) or self._stop_requested:
+            if self._should_stop():
                 if self.batch_in_epoch < per_epoch:
                     self._check_finite()
                     return True
@@ -873,7 +955,8 @@ class Trainer:
                 batch_size=self.cfg.data.eval_batch_size,
                 num_workers=self.cfg.data.num_workers,
                 device=self.device,
-                amp=self.amp_dtype is not None,
+                # the training's dtype (bf16 stays bf16) on CUDA; CPU evaluation stays in float32
+                amp=(self.amp_dtype or False) if self.device.type == "cuda" else False,
                 metrics=self.cfg.eval.metrics,
                 max_items=self.cfg.eval.max_items,
                 progress=self.progress and self.dist.is_main,

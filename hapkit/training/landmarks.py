@@ -36,7 +36,8 @@ def embed_landmark_set(model, eval_set, batch_size: int = 32, device=None, scale
     """``{"query", "gallery", "distractors"}`` embeddings of a benchmark (``distractors``: None
     without R1M). ``scales``: multi-scale embedding (e.g. ``(1, 2**-0.5, 0.5)``), combined with
     the signed power mean of exponent ``power``; None = single scale. Use ``batch_size=1`` for
-    images left at their native, varying, size. ``amp``: autocast on CUDA."""
+    images left at their native, varying, size. ``amp``: autocast on CUDA (True), or to this dtype
+    (see :func:`hapkit.evaluate.extract_embeddings`)."""
     if eval_set.gnd is None:
         raise ValueError(f"{eval_set.name} has no ground truth (gnd): it is not a landmark benchmark")
     out = {}
@@ -87,5 +88,10 @@ def learn_recipe_whitening(model, cfg, train_set, device=None, progress: bool = 
         data = with_transform(data, recipe_transform(cfg.data, train=False))
     loader = torch.utils.data.DataLoader(spread_subset(data, spec.max_items), batch_size=cfg.data.eval_batch_size,
                                          shuffle=False, num_workers=cfg.data.num_workers)
+    from hapkit.training.engine import resolve_amp
+
+    # the training's autocast dtype on CUDA (bf16 stays bf16); CPU embeds in float32
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    amp = (resolve_amp(cfg.train.amp, dev) or False) if dev.type == "cuda" else False
     return learn_whitening(model, loader, power=spec.power, dim=spec.dim, device=device, progress=progress,
-                           scales=cfg.eval.scales, scale_power=cfg.eval.scale_power, amp=cfg.train.amp != "none")
+                           scales=cfg.eval.scales, scale_power=cfg.eval.scale_power, amp=amp)
