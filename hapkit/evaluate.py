@@ -20,7 +20,7 @@ Result names (``RetrievalResults.summary`` and the columns of ``.per_query``), c
   ``with_binary_asi``, reported on DyML); computed only when asked for (``metrics=[..., "ASI@"]``);
 - ``AP#v``: AP of shared level v alone (items sharing more than v levels removed).
 
-Reference semantics kept (SPEC.md): in the same-set protocol the relevance counts the query
+Reference semantics kept (docs/definitions.md, 'Graded relevance'): in the same-set protocol the relevance counts the query
 itself at level L (``count_query=True``), as the HAPPIER evaluation does, so that published numbers
 are comparable.
 """

@@ -6,7 +6,7 @@ V of :func:`hapkit.hierarchy.shared_levels`), and returns one float64 value per 
 with no positive (no relevant item) gets NaN; callers average with ``nanmean`` and report how many
 queries they skipped (:func:`hapkit.evaluate.evaluate` does).
 
-Definitions follow SPEC.md ("Metrics"), i.e. the evaluation code of HAPPIER (Ramzi et al.,
+Definitions follow docs/definitions.md, 'Metrics', i.e. the evaluation code of HAPPIER (Ramzi et al.,
 "Hierarchical Average Precision Training for Pertinent Image Retrieval", ECCV 2022):
 
 - AP, mAP@R (Musgrave et al., "A Metric Learning Reality Check", ECCV 2020), R@k (recall rate: a
@@ -337,7 +337,7 @@ class RankedRelevant:
         """H-AP with ``relevance`` (Q, R) (one value per entry, > 0; padding ignored).
 
         All entries of one query at one level must share one relevance value (true of every
-        relevance built from shared levels). Levels are matched by id (SPEC.md), so each item is
+        relevance built from shared levels). Levels are matched by id (docs/definitions.md, 'H-AP'), so each item is
         counted once even when two levels have equal relevance.
         """
         rel = relevance.to(_F64) * self.at_least_level(1)
@@ -878,7 +878,7 @@ def h_average_precision(scores, relevance, shared_levels=None) -> torch.Tensor:
             (relevance must be a function of V for each query); otherwise by relevance value, at
             a cost that grows with the number of distinct values (few for graded relevance).
             Both follow the formula above exactly; the reference code's double counting of two
-            levels with equal relevance values is not reproduced (SPEC.md).
+            levels with equal relevance values is not reproduced (docs/definitions.md, 'H-AP').
     """
     S = _as_scores(scores)
     rel = _as_like(relevance, S, "relevance", _F64)

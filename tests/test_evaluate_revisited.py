@@ -29,7 +29,7 @@ from hapkit.evaluate import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-ROLES = {  # protocol -> (positive lists, ignored lists), as SPEC.md defines them
+ROLES = {  # protocol -> (positive lists, ignored lists), as docs/definitions.md, 'Revisited Oxford and Paris' defines them
     "easy": (("easy",), ("junk", "hard")),
     "medium": (("easy", "hard"), ("junk",)),
     "hard": (("hard",), ("junk", "easy")),

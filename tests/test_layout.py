@@ -1,4 +1,4 @@
-"""The import rules of the layout (DESIGN.md), read from the code with ast.
+"""The import rules of the layout (README.md, 'Layout'), read from the code with ast.
 
 Core (hierarchy -> metrics -> evaluate) imports no wing; losses/ and data/ and results.py build on
 the core alone; training/ and viz/ never import each other; nothing below the top imports the

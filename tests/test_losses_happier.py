@@ -29,7 +29,7 @@ def dense_step(d, tau=0.01, rho=100.0, delta=0.05, start=0.5, offset=1.44):
 
 
 def pop_relevance(V, L, alpha=1.0, keep=None):
-    """w[V] / n_q(V), counts over the kept items of each row (SPEC, 'pop')."""
+    """w[V] / n_q(V), counts over the kept items of each row (docs/definitions.md, 'Graded relevance')."""
     keep = torch.ones_like(V, dtype=torch.bool) if keep is None else keep
     rel = torch.zeros(V.shape, dtype=torch.float64)
     for q in range(V.shape[0]):
@@ -41,7 +41,7 @@ def pop_relevance(V, L, alpha=1.0, keep=None):
 
 
 def dense_hap_loss(emb, labels, ref_emb=None, ref_labels=None, exclude_self=False, per_query=False, **step):
-    """SPEC's HAPPIER surrogate with (Q, M, M) tensors; ignored items (the excluded self) dropped."""
+    """The HAPPIER surrogate (docs/definitions.md, 'HAPPIER: H-AP lower bound') with (Q, M, M) tensors; ignored items (the excluded self) dropped."""
     same = ref_emb is None
     ref_emb = emb if same else ref_emb
     ref_labels = labels if same else ref_labels

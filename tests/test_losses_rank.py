@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def dense_upper(d, tau=0.01, rho=100.0, delta=0.05, start=0.5, offset=1.44, paper_branch=False):
-    """SPEC's piecewise upper step, written out branch by branch."""
+    """The piecewise upper step (docs/definitions.md, 'Step functions'), written out branch by branch."""
     sig = torch.sigmoid((d / tau).clamp(-50, 50))
     lin = rho * d + offset if paper_branch else rho * (d - delta) + offset
     out = torch.where(d > delta, lin, start + sig)
@@ -160,7 +160,7 @@ def test_exact_shared_counts_brute_force_with_ties():
 
 
 def dense_smooth_hap(scores, levels, shared_rel, step=None):
-    """SPEC's H-AP surrogate with (Q, M, M) tensors; ignored items (level < 0) removed."""
+    """The H-AP surrogate (docs/definitions.md, 'HAPPIER: H-AP lower bound') with (Q, M, M) tensors; ignored items (level < 0) removed."""
     step = step or {}
     Q, M = scores.shape
     valid = levels >= 0

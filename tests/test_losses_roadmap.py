@@ -27,7 +27,7 @@ def dense_step(d, tau=0.01, rho=100.0, delta=0.05, start=0.5, offset=1.44, paper
 
 
 def dense_supap_loss(emb, labels, ref_emb=None, ref_labels=None, column=0, exclude_self=False, **step):
-    """SPEC's SupAP with (Q, M, M) tensors: upper step on negatives, exact step on positives."""
+    """The SupAP (docs/definitions.md, 'ROADMAP: SupAP and the calibration loss') with (Q, M, M) tensors: upper step on negatives, exact step on positives."""
     same = ref_emb is None
     ref_emb = emb if same else ref_emb
     ref_labels = labels if same else ref_labels

@@ -29,7 +29,7 @@ def bf_ranking(scores, exclude=None):
 
 
 def bf_metrics(scores, V, L, rel=None, ks=(1, 2, 4), exclude=None) -> dict[str, float]:
-    """Every metric of one query, straight from the definitions in SPEC.md."""
+    """Every metric of one query, straight from docs/definitions.md, 'Metrics'."""
     order = bf_ranking(list(scores), exclude)
     Vr = [int(V[j]) for j in order]
     out: dict[str, float] = {}

@@ -1,5 +1,5 @@
 """Recipes: every bundled file loads into the typed config and builds its loss; overrides are
-type-checked; unknown keys are errors naming the valid ones; the official settings of SPEC.md are
+type-checked; unknown keys are errors naming the valid ones; the official settings (docs/definitions.md, 'Official training recipes') are
 what the files say."""
 
 import inspect

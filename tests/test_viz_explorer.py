@@ -67,7 +67,7 @@ def ref_ap(emb, labels, q, c):
 
 
 def ref_hap(emb, labels, q):
-    """H-AP with 'pop' relevance (alpha 1), the query counted at level L (SPEC.md)."""
+    """H-AP with 'pop' relevance (alpha 1), the query counted at level L (docs/definitions.md, 'Graded relevance')."""
     L = labels.shape[1]
     order = ref_order(emb, q)
     V = [ref_shared(labels, q, j) for j in order]

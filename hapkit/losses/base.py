@@ -292,7 +292,7 @@ def ranking_mask(inputs: LossInputs, exclude_self: bool) -> torch.Tensor:
     """(B, M) bool: which reference items take part in each query's ranking.
 
     In the same-set case (or with ``query_offset``) the query is its own top-ranked positive by
-    default (SPEC, "Batch surrogates"); ``exclude_self`` removes it, as in the evaluation protocol.
+    default (docs/definitions.md, 'Batch surrogates'); ``exclude_self`` removes it, as in the evaluation protocol.
     """
     B, M = inputs.embeddings.shape[0], inputs.ref_emb.shape[0]
     mask = torch.ones(B, M, dtype=torch.bool, device=inputs.embeddings.device)

@@ -4,7 +4,7 @@
 
 - :class:`HAPLoss`: 1 - mean surrogate H-AP over the batch. The rank of a relevant item k uses the
   upper-bound step for competitors less relevant than k and the exact step for the others, so the
-  surrogate H-AP is a lower bound of the exact H-AP on the batch (SPEC.md, "Batch surrogates").
+  surrogate H-AP is a lower bound of the exact H-AP on the batch (docs/definitions.md, 'HAPPIER: H-AP lower bound').
 - :class:`ClusterLoss`: normalised-softmax cross-entropy on the finest labels, which keeps the
   fine classes apart while the H-AP term organises the levels.
 - :class:`HAPPIER`: (1 - lambda) * HAPLoss + lambda * ClusterLoss, lambda = 0.1.

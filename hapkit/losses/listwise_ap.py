@@ -62,7 +62,7 @@ class ListwiseAP(HapkitLoss):
         sim_range: (lowest, highest) similarity the bins cover (paper: (0, 1); ROADMAP/SupRank:
             (-1, 1)). Similarities outside it fall entirely into the end bins.
         column: label column defining positives (0 = finest).
-        exclude_self: drop the query from its own ranking (default False, see SPEC).
+        exclude_self: drop the query from its own ranking (default False, see docs/definitions.md, 'Batch surrogates').
         chunk_elements: largest (queries x bins x list) block computed at once (default 2**24
             values); chunks are recomputed in the backward pass, so memory stays bounded by one
             chunk whatever the batch size.

@@ -2,7 +2,7 @@
 
 The rank of item k for query q is 1 + sum_j step(s_qj - s_qk). Replacing the step by a smooth
 function gives a differentiable rank; which smooth function decides whether the surrogate bounds
-the true metric (SPEC.md, "Batch surrogates").
+the true metric (docs/definitions.md, 'Step functions').
 
 The HAPPIER (H-AP) and ROADMAP (SupAP) surrogates share one structure, implemented here once:
 every item j that is *less* relevant than k competes through the upper-bound step, every other

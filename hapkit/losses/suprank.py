@@ -50,7 +50,7 @@ def suprank_ranks(scores, shared, num_levels: int, step: UpperStep, chunk_elemen
 
 
 class _SupRankLoss(HapkitLoss):
-    """Holds the upper step (SupRank/HAPPIER defaults, SPEC) and the ranking options."""
+    """Holds the upper step (SupRank/HAPPIER defaults, docs/definitions.md, 'Step functions') and the ranking options."""
 
     def __init__(self, tau, rho, delta, start, offset, paper_branch, exclude_self, chunk_elements):
         super().__init__()
@@ -131,7 +131,7 @@ class SupRecall(_SupRankLoss):
 class SupNDCG(_SupRankLoss):
     """SupRank NDCG surrogate over all label levels: 1 - mean smoothed NDCG.
 
-    Gains are 2**V - 1 with V the number of shared levels (SPEC), discounts 1 / log2(1 + rank~),
+    Gains are 2**V - 1 with V the number of shared levels (docs/definitions.md, 'SupRank recall@k and NDCG'), discounts 1 / log2(1 + rank~),
     rank~ as in the module docstring with "less relevant" meaning smaller V. The ideal DCG is
     exact. Since rank~ >= rank, the smoothed NDCG is a lower bound of the exact NDCG of the batch
     (ties broken in any order). Defaults: tau = 0.01, rho = 100, delta = 0.05, start = 0.5,

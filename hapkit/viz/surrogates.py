@@ -55,7 +55,7 @@ __all__ = [
     "decomposability_figure",
 ]
 
-# SupRank / HAPPIER SOP configuration of the upper step (SPEC), as hapkit.losses.rank.UpperStep holds it
+# SupRank / HAPPIER SOP configuration of the upper step (docs/definitions.md, 'Step functions'), as hapkit.losses.rank.UpperStep holds it
 STEP_DEFAULTS = {name: getattr(DEFAULT_STEP, name) for name in ("tau", "delta", "rho", "start", "offset")}
 
 
