@@ -34,6 +34,7 @@ def require_extra(extra: str, *modules: str, what: str) -> None:
         from hapkit.errors import MissingExtraError
 
         raise MissingExtraError(
-            f"{what} needs {', '.join(missing)}, which hapkit's {extra!r} extra installs: "
-            f"pip install 'hapkit[{extra}]' (or `make setup`, which installs every extra)"
+            f"{what} needs {', '.join(missing)}, which hapkit's {extra!r} extra installs: from a "
+            f"clone of the repository, pip install -e '.[{extra}]' (or `make setup`, which installs "
+            f"every extra); without a clone, pip install 'hapkit[{extra}] @ git+<repository URL>'"
         )

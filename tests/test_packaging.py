@@ -136,6 +136,6 @@ def test_a_missing_extra_is_named_with_its_install_command():
     from hapkit._lazy import require_extra
 
     require_extra("notebooks", "json", what="a figure")  # installed: nothing happens
-    with pytest.raises(ImportError, match=r"pip install 'hapkit\[notebooks\]'") as info:
+    with pytest.raises(ImportError, match=r"pip install -e '\.\[notebooks\]'") as info:
         require_extra("notebooks", "json", "no_such_module_xyz", what="a figure")
     assert "a figure needs no_such_module_xyz, which" in str(info.value)  # only the missing one
