@@ -574,8 +574,10 @@ class Trainer:
         if state["epoch"] < self.cfg.train.epochs and isinstance(self.model.whitening, PCAWhitening):
             remove_whitening(self.model)  # training goes on (more epochs): learned again at the end
         self.loss_fn.load_state_dict(state["loss"])
+        from hapkit.training.optim import steps_on_host
+
         for k, o in self.optimizers.items():
-            o.load_state_dict(state["optimizers"][k])
+            o.load_state_dict(steps_on_host(state["optimizers"][k]))
         for k, s in self.schedulers.items():
             s.load_state_dict(state["schedulers"][k])
         self.scaler.load_state_dict(state["scaler"])
