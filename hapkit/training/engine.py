@@ -4,8 +4,13 @@ The loop is written for a GPU and runs the same on a CPU:
 
 - mixed precision with ``torch.autocast`` (bfloat16, or float16 with a gradient scaler),
   channels-last images on CUDA, pinned memory and persistent loader workers;
-- no host synchronisation in the hot path: the loss is summed on the device and read once per
-  ``train.log_every`` steps, when the finiteness guard also looks at it;
+- few host synchronisations per step: the loss is summed on the device and read once per
+  ``train.log_every`` steps, when the finiteness guard also looks at it; the loss checks its
+  labels and positives at its first call only (the sampler validated the training labels; see
+  ``HapkitLoss.check_labels``); a rank loss reads the sizes of its smoothed-rank blocks once per
+  call (one synchronisation: they shape its index tensors); with float16, torch's gradient
+  scaler reads its overflow flag once per optimiser; resumed optimisers keep their step counters
+  on the host, where torch's Adam reads them. ``benchmarks/gpu_check.py`` counts them on a GPU;
 - one optimiser and per-epoch schedule per parameter group (backbone, head, loss parameters),
   warm-up epochs with the backbone frozen, optional gradient clipping;
 - evaluation every ``eval.every`` epochs with :mod:`hapkit.evaluate` on the dataset's eval sets;
