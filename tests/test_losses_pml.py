@@ -203,3 +203,30 @@ def test_pmls_distributed_wrapper_on_two_processes_equals_one_process_on_the_glo
     for got in ranks:
         assert [v.item() / WORLD for v in got["memory"]] == pytest.approx([v.item() for v in expected], abs=1e-6)
         assert rows(*got["memory_contents"]) == rows(*memory.contents())
+
+
+def test_hapkits_efficient_wrapper_tells_the_loss_where_its_queries_are(monkeypatch):
+    # one process standing for rank 0 of two: PML's gather returns this process's rows first,
+    # then the other process's rows; with exclude_self the queries must be found in that batch
+    emb, labels = batch(seed=3)
+    half = B // 2
+    other_emb, other_labels = emb[half:], labels[half:]
+
+    def gather_emb_and_ref(e, lab, ref_emb=None, ref_labels=None):
+        refs = (None, None) if ref_emb is None else (torch.cat([ref_emb, other_emb]), torch.cat([ref_labels, other_labels]))
+        return torch.cat([e, other_emb]), torch.cat([lab, other_labels]), *refs, lab
+
+    monkeypatch.setattr(pml_distributed, "gather_emb_and_ref", gather_emb_and_ref)
+    loss = losses.HAPLoss(exclude_self=True)
+    wrapper = losses.DistributedLossWrapper(loss, efficient=True)
+    mine = emb[:half], labels[:half]
+    got = wrapper.forward_regular_loss(*mine, None, None, None, WORLD)
+    expected = loss(*mine, ref_emb=emb, ref_labels=labels, query_offset=0) * WORLD
+    assert got.item() == pytest.approx(expected.item(), abs=1e-7)
+    # the query kept in its own ranking would give another value: the check can fail
+    assert loss(*mine, ref_emb=emb, ref_labels=labels).item() * WORLD != pytest.approx(got.item(), abs=1e-4)
+    # a caller's own reference set does not hold the queries: no offset is passed
+    ref = emb[:4], labels[:4]
+    got_ref = wrapper.forward_regular_loss(*mine, None, *ref, WORLD)
+    expected_ref = loss(*mine, ref_emb=torch.cat([ref[0], other_emb]), ref_labels=torch.cat([ref[1], other_labels]))
+    assert got_ref.item() == pytest.approx(expected_ref.item() * WORLD, abs=1e-7)

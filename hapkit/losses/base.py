@@ -35,6 +35,7 @@ __all__ = [
     "HapkitLoss",
     "check_indices_tuple",
     "LossInputs",
+    "labels_checked_here",
     "prepare_inputs",
     "fill_self_",
     "NoPositiveError",
@@ -78,6 +79,14 @@ def check_indices_tuple(indices_tuple, loss_name: str) -> None:
 # of one call: composite losses (HAPPIER, ROADMAP) pass the reference set on to their parts
 # without knowing about it, and a memory bank's call made outside that one never sees it.
 _QUERY_OFFSET: ContextVar[int | None] = ContextVar("hapkit_query_offset", default=None)
+# Whether this call checks its labels and positives (each check a host synchronisation); set by
+# HapkitLoss.forward, read by prepare_inputs and the "no positive" check.
+_CHECK_LABELS: ContextVar[bool] = ContextVar("hapkit_check_labels", default=True)
+
+
+def labels_checked_here() -> bool:
+    """Whether the loss call in progress checks its labels, their range and its positives."""
+    return _CHECK_LABELS.get()
 
 
 class HapkitLoss(BaseMetricLossFunction):
@@ -112,6 +121,8 @@ class HapkitLoss(BaseMetricLossFunction):
     has_parameters: ClassVar[bool] = False
     parameter_group: ClassVar[str] = "loss"
     _check_finite: bool = True
+    _check_labels: bool | None = None  # None: as check_finite
+    _first_call_done: bool = False
 
     @property
     def check_finite(self) -> bool:
@@ -128,6 +139,27 @@ class HapkitLoss(BaseMetricLossFunction):
         for module in self.modules():
             if isinstance(module, HapkitLoss):
                 object.__setattr__(module, "_check_finite", bool(value))
+
+    @property
+    def check_labels(self) -> bool:
+        """Check the labels of every call (default: as :attr:`check_finite`), else of the first.
+
+        The checks (non-negative ids forming a tree, class ids within the loss's classes, some
+        query with a positive) read the labels on the host: one synchronisation each, several per
+        call on a GPU. A training loop whose labels were validated once (the engine's sampler
+        validates the whole training set) and that watches the loss itself turns them off: the
+        first call of the loss still checks, so a recipe that cannot make positives fails at its
+        first step; a later batch without any positive is not refused (its loss ranks nothing
+        but the queries themselves, or is NaN when they are excluded). Setting it sets it on the
+        losses this one is made of.
+        """
+        return self.check_finite if self._check_labels is None else self._check_labels
+
+    @check_labels.setter
+    def check_labels(self, value: bool) -> None:
+        for module in self.modules():
+            if isinstance(module, HapkitLoss):
+                object.__setattr__(module, "_check_labels", bool(value))
 
     def get_default_distance(self):
         # What every hapkit loss computes: dot products of L2-normalised embeddings.
@@ -149,11 +181,14 @@ class HapkitLoss(BaseMetricLossFunction):
             raise InputError(f"{name}: query_offset locates the queries in ref_emb; pass ref_emb and ref_labels too")
         self.reset_stats()
         token = _QUERY_OFFSET.set(query_offset) if query_offset is not None else None
+        checks = _CHECK_LABELS.set(self.check_labels or not self._first_call_done)
         try:
             loss_dict = self.compute_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
         finally:
+            _CHECK_LABELS.reset(checks)
             if token is not None:
                 _QUERY_OFFSET.reset(token)
+        object.__setattr__(self, "_first_call_done", True)  # only a call that returned has checked
         self.add_embedding_regularization_to_loss_dict(loss_dict, embeddings)
         return self.reducer(loss_dict, embeddings, labels)
 
@@ -231,7 +266,7 @@ def prepare_inputs(
         raise InputError(f"{loss_name}: embeddings is an empty batch (0 rows); give at least one item, "
                          f"e.g. DataLoader(..., drop_last=True) to drop a short last batch")
     device = embeddings.device
-    labels = as_label_tensor(labels, name=f"{loss_name} labels").to(device)
+    labels = _label_tensor(labels, f"{loss_name} labels").to(device)
     if labels.shape[0] != embeddings.shape[0]:
         raise InputError(
             f"{loss_name}: {embeddings.shape[0]} embeddings but {labels.shape[0]} label rows"
@@ -245,7 +280,7 @@ def prepare_inputs(
         raise InputError(
             f"{loss_name}: ref_emb must be (M, {embeddings.shape[1]}), got {tuple(ref_emb.shape)}"
         )
-    ref_labels = as_label_tensor(ref_labels, name=f"{loss_name} ref_labels").to(device)
+    ref_labels = _label_tensor(ref_labels, f"{loss_name} ref_labels").to(device)
     if ref_labels.shape[0] != ref_emb.shape[0]:
         raise InputError(
             f"{loss_name}: {ref_emb.shape[0]} reference embeddings but {ref_labels.shape[0]} label rows"
@@ -263,6 +298,17 @@ def prepare_inputs(
     return LossInputs(emb, labels, ref_emb.to(device).float(), ref_labels, False, offset)
 
 
+def _label_tensor(labels, name: str) -> torch.Tensor:
+    """(N, L) int64 labels; their values (sign, tree) are checked unless the call skips it, which
+    leaves only what the shape tells (no host synchronisation)."""
+    if not labels_checked_here() and isinstance(labels, torch.Tensor) and labels.dim() in (1, 2) \
+            and not (labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool):
+        labels = labels[:, None] if labels.dim() == 1 else labels
+        if labels.shape[1] > 0:
+            return labels.long()
+    return as_label_tensor(labels, name=name)
+
+
 def check_column(column, num_levels: int, loss_name: str) -> None:
     """Raise when ``column`` is not a label column of labels with ``num_levels`` levels."""
     if isinstance(column, bool) or not isinstance(column, (int, np.integer)) or not 0 <= column < num_levels:
@@ -276,8 +322,11 @@ def require_other_positive(related: torch.Tensor, inputs: LossInputs, what: str,
     """Raise :class:`NoPositiveError` when no query has a related item other than itself.
 
     ``related`` is a (B, M) boolean mask of the reference items each query counts as positive;
-    the query's own entry (the diagonal in the same-set protocol) does not count.
+    the query's own entry (the diagonal in the same-set protocol) does not count. A call that
+    does not check its labels (:attr:`HapkitLoss.check_labels`) skips it.
     """
+    if not labels_checked_here():
+        return
     others = fill_self_(related.clone(), inputs, False)
     if not bool(others.any()):
         raise NoPositiveError(

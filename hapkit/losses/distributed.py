@@ -5,7 +5,9 @@ all-gathers the embeddings and the (B, L) labels and each process computes the l
 global batch, its own rows carrying the gradient. Its ``efficient=True`` mode (each process's
 queries against the gathered batch) first builds PML's pair indices from the labels, which
 assumes (B,) labels; hapkit's losses rank every pair and ignore those indices, so this subclass
-skips them and passes the gathered batch as the reference set. Everything else is PML's.
+skips them and passes the gathered batch as the reference set, with ``query_offset=0``: PML puts
+each process's own rows first in the gathered batch, so a loss with ``exclude_self`` leaves each
+query out of its own ranking as it does in one process. Everything else is PML's.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class DistributedLossWrapper(pml_distributed.DistributedLossWrapper):
         all_emb, all_labels, all_ref_emb, all_ref_labels, labels = pml_distributed.gather_emb_and_ref(
             emb, labels, ref_emb, ref_labels
         )
-        reference = pml_distributed.select_ref_or_regular(all_emb, all_ref_emb)
-        reference_labels = pml_distributed.select_ref_or_regular(all_labels, all_ref_labels)
-        return self.loss(emb, labels, indices_tuple, reference, reference_labels) * world_size
+        if all_ref_emb is not None:  # a reference set of the caller's own: the queries are not in it
+            return self.loss(emb, labels, indices_tuple, all_ref_emb, all_ref_labels) * world_size
+        # PML's gather puts this process's rows first, then the other processes' rows
+        return self.loss(emb, labels, indices_tuple, all_emb, all_labels, query_offset=0) * world_size

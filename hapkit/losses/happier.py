@@ -27,7 +27,15 @@ import torch.nn.functional as F
 
 from hapkit.errors import InputError
 from hapkit.hierarchy import LabelError, relevance, shared_levels
-from hapkit.losses.base import HapkitLoss, LossInputs, check_column, fill_self_, prepare_inputs, reduce_queries
+from hapkit.losses.base import (
+    HapkitLoss,
+    LossInputs,
+    check_column,
+    fill_self_,
+    labels_checked_here,
+    prepare_inputs,
+    reduce_queries,
+)
 from hapkit.losses.rank import DEFAULT_STEP, UpperStep, check_has_positive, float32_compute, smooth_hap
 
 __all__ = ["HAPLoss", "ClusterLoss", "HAPPIER", "batch_relevance"]
@@ -52,10 +60,13 @@ def batch_relevance(
     drop_self = exclude_self and inputs.self_offset is not None
     if drop_self:
         Q, M = V.shape
-        others = fill_self_(torch.ones(Q, M, dtype=torch.bool, device=V.device), inputs, False)
-        rel_others = relevance(V[others].view(Q, M - 1), L, kind, alpha, weights, dtype=torch.float32)
+        # the columns of each row but the query's own, as indices: a boolean mask would select
+        # the same entries at the cost of a host synchronisation
+        keep = torch.arange(M - 1, device=V.device)[None, :]
+        others = keep + (keep >= inputs.self_offset + torch.arange(Q, device=V.device)[:, None]).long()
+        rel_others = relevance(V.gather(1, others), L, kind, alpha, weights, dtype=torch.float32)
         rel = torch.zeros(V.shape, dtype=torch.float32, device=V.device)
-        rel.masked_scatter_(others, rel_others)
+        rel.scatter_(1, others, rel_others)
     else:
         rel = relevance(V, L, kind, alpha, weights, dtype=torch.float32)
     shared = V.long()
@@ -190,7 +201,7 @@ class ClusterLoss(HapkitLoss):
                 )
             check_column(self.column, x.num_levels, "ClusterLoss")
             target = x.labels[:, self.column]
-            top = int(target.max())
+            top = int(target.max()) if labels_checked_here() else -1
             if top >= self.num_classes:
                 raise LabelError(
                     f"ClusterLoss: label {top} in column {self.column} but num_classes={self.num_classes}; "

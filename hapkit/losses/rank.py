@@ -168,22 +168,31 @@ class _SharedBlock:
     chunk: int  # queries per chunk
 
 
-def _plan(shared: torch.Tensor, chunk_elements: int) -> list[_SharedBlock]:
+def _plan(shared: torch.Tensor, chunk_elements: int, levels: int | None = None) -> list[_SharedBlock]:
     """Gather indices that group, for every query, items by shared level (one sort for all).
 
     Items with a negative value are ignored (neither k nor j). Sorting each row by decreasing
     shared level puts level u in a contiguous range and all levels 0..u-1 right after it.
+    ``levels`` bounds the shared levels (the number of label levels); without it the largest is
+    read from ``shared``.
     """
     Q, M = shared.shape
     device = shared.device
     order = torch.argsort(shared, dim=1, descending=True, stable=True)
-    top = int(shared.max()) if shared.numel() else 0
+    if levels is None:
+        levels = int(shared.max()) if shared.numel() else 0
+    if levels < 1 or Q == 0 or M == 0:
+        return []
+    start_k, n_k, n_j = [], [], []
+    for u in range(1, levels + 1):
+        start_k.append((shared > u).sum(1))
+        n_k.append((shared == u).sum(1))
+        n_j.append(((shared >= 0) & (shared < u)).sum(1))
+    # the block widths size the index tensors: read every level's on the host at once (one
+    # synchronisation per call on a GPU instead of two per level)
+    widths = torch.stack([torch.stack(n_k).amax(1), torch.stack(n_j).amax(1)], dim=1).tolist()
     blocks = []
-    for u in range(1, top + 1):
-        start_k = (shared > u).sum(1)
-        n_k = (shared == u).sum(1)
-        n_j = ((shared >= 0) & (shared < u)).sum(1)
-        max_k, max_j = int(n_k.max()), int(n_j.max())
+    for u, (max_k, max_j) in zip(range(1, levels + 1), widths):
         if max_k == 0 or max_j == 0:
             continue
 
@@ -194,8 +203,8 @@ def _plan(shared: torch.Tensor, chunk_elements: int) -> list[_SharedBlock]:
 
         blocks.append(
             _SharedBlock(
-                items_k=gather(start_k, n_k, max_k),
-                items_j=gather(start_k + n_k, n_j, max_j),
+                items_k=gather(start_k[u - 1], n_k[u - 1], max_k),
+                items_j=gather(start_k[u - 1] + n_k[u - 1], n_j[u - 1], max_j),
                 chunk=max(1, chunk_elements // (max_k * max_j)),
             )
         )
@@ -256,6 +265,7 @@ def upper_rank_sum(
     shared: torch.Tensor,
     step: UpperStep = DEFAULT_STEP,
     chunk_elements: int | None = None,
+    levels: int | None = None,
 ) -> torch.Tensor:
     """For each query q and item k: sum over items j with 0 <= shared[q, j] < shared[q, k] of
     ``step(scores[q, j] - scores[q, k])``, differentiable in ``scores``.
@@ -263,14 +273,15 @@ def upper_rank_sum(
     ``scores`` (Q, M) float, ``shared`` (Q, M) integer shared levels, i.e. relevance grades
     (negative = ignore the item). Memory is O(Q * M) plus one chunk of ``chunk_elements`` pairs
     (default 2**18 on CPU, 2**24 on GPU); the backward pass recomputes the pairs with the step's
-    analytic derivative instead of storing them.
+    analytic derivative instead of storing them. ``levels``: the largest value ``shared`` can
+    hold (the number of label levels), which saves reading it from ``shared`` on the host.
     """
     if scores.shape != shared.shape or scores.dim() != 2:
         raise InputError(
             f"scores and shared must both be (Q, M), got {tuple(scores.shape)} and {tuple(shared.shape)}"
         )
     chunk = chunk_elements_for(chunk_elements, scores.device, CPU_CHUNK_ELEMENTS, GPU_CHUNK_ELEMENTS)
-    blocks = _plan(shared.long(), chunk)
+    blocks = _plan(shared.long(), chunk, levels)
     return _UpperRankSum.apply(scores, blocks, step)
 
 
@@ -336,7 +347,7 @@ def smooth_hap(
             h_rank += torch.minimum(rel, rel_levels[:, v : v + 1]) * n_v
         exact_rank.masked_fill_(lev < 0, 0.0)  # ignored k: h_rank is 0, keep rank >= 1
 
-    rank = 1.0 + exact_rank + upper_rank_sum(scores, lev, step, chunk_elements)
+    rank = 1.0 + exact_rank + upper_rank_sum(scores, lev, step, chunk_elements, levels=num_levels)
     total = rel.sum(1)
     hap = (h_rank / rank).sum(1) / total.clamp(min=torch.finfo(scores.dtype).tiny)
     return hap, total

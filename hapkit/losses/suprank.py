@@ -42,7 +42,7 @@ def suprank_ranks(scores, shared, num_levels: int, step: UpperStep, chunk_elemen
     summed by :func:`hapkit.losses.rank.upper_rank_sum` in O(Q * M) memory); items at least as
     relevant through the exact step, counted by sorting (ties count as ahead).
     """
-    smooth = upper_rank_sum(scores, shared, step, chunk_elements)
+    smooth = upper_rank_sum(scores, shared, step, chunk_elements, levels=num_levels)
     counts = exact_shared_counts(scores.detach(), shared, num_levels)  # (Q, M, L + 1), k included
     at_least = counts.flip(2).cumsum(2).flip(2)  # items sharing >= v levels scored >= s_qk
     exact = at_least.gather(2, shared.clamp(min=0).unsqueeze(2)).squeeze(2) - 1

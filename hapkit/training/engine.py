@@ -4,8 +4,13 @@ The loop is written for a GPU and runs the same on a CPU:
 
 - mixed precision with ``torch.autocast`` (bfloat16, or float16 with a gradient scaler),
   channels-last images on CUDA, pinned memory and persistent loader workers;
-- no host synchronisation in the hot path: the loss is summed on the device and read once per
-  ``train.log_every`` steps, when the finiteness guard also looks at it;
+- few host synchronisations per step: the loss is summed on the device and read once per
+  ``train.log_every`` steps, when the finiteness guard also looks at it; the loss checks its
+  labels and positives at its first call only (the sampler validated the training labels; see
+  ``HapkitLoss.check_labels``); a rank loss reads the sizes of its smoothed-rank blocks once per
+  call (one synchronisation: they shape its index tensors); with float16, torch's gradient
+  scaler reads its overflow flag once per optimiser; resumed optimisers keep their step counters
+  on the host, where torch's Adam reads them. ``benchmarks/gpu_check.py`` counts them on a GPU;
 - one optimiser and per-epoch schedule per parameter group (backbone, head, loss parameters),
   warm-up epochs with the backbone frozen, optional gradient clipping;
 - evaluation every ``eval.every`` epochs with :mod:`hapkit.evaluate` on the dataset's eval sets;
@@ -574,8 +579,10 @@ class Trainer:
         if state["epoch"] < self.cfg.train.epochs and isinstance(self.model.whitening, PCAWhitening):
             remove_whitening(self.model)  # training goes on (more epochs): learned again at the end
         self.loss_fn.load_state_dict(state["loss"])
+        from hapkit.training.optim import steps_on_host
+
         for k, o in self.optimizers.items():
-            o.load_state_dict(state["optimizers"][k])
+            o.load_state_dict(steps_on_host(state["optimizers"][k]))
         for k, s in self.schedulers.items():
             s.load_state_dict(state["schedulers"][k])
         self.scaler.load_state_dict(state["scaler"])

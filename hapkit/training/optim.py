@@ -14,7 +14,7 @@ import torch
 
 from hapkit.training.config import OptimConfig, group_settings
 
-__all__ = ["build_optimizer", "build_scheduler", "build_group", "build_optimizers"]
+__all__ = ["build_optimizer", "build_scheduler", "build_group", "build_optimizers", "steps_on_host"]
 
 
 def build_optimizer(params, settings: dict) -> torch.optim.Optimizer:
@@ -67,3 +67,25 @@ def build_optimizers(optim: OptimConfig, groups: dict, epochs: int) -> tuple[dic
         if opt is not None:
             optimizers[group], schedulers[group] = opt, sched
     return optimizers, schedulers
+
+
+def steps_on_host(state: dict) -> dict:
+    """An optimiser ``state_dict`` with each ``step`` counter on the CPU, where torch creates it
+    unless the group is ``capturable`` or ``fused``; the rest is left as it is.
+
+    ``Optimizer.load_state_dict`` moves every other state tensor to its parameter's device but
+    keeps ``step`` where the checkpoint was mapped: a checkpoint loaded with
+    ``map_location="cuda"`` would leave the counters on the GPU, and Adam reads them on the host
+    at every step (a synchronisation each). A capturable or fused group wants them on the device,
+    and ``load_state_dict`` puts them there itself.
+    """
+    on_device = set()
+    for group in state.get("param_groups", ()):
+        if group.get("capturable", False) or group.get("fused", False):
+            on_device.update(group["params"])
+    moved = {
+        pid: {k: v.to("cpu") if k == "step" and torch.is_tensor(v) and pid not in on_device else v
+              for k, v in per_param.items()}
+        for pid, per_param in state.get("state", {}).items()
+    }
+    return {**state, "state": moved}
