@@ -8,6 +8,7 @@ import hapkit.training.engine
 from hapkit.data import get_dataset, spread_indices
 from hapkit.data.transforms import build_transforms
 from hapkit.training import runs
+from hapkit.training.checkpoint import CheckpointError
 from hapkit.viz.images import embedding_images
 
 # A tiny network, batches and generated dataset (4 images per fine class): seconds on a CPU.
@@ -158,7 +159,7 @@ def test_untrained_embeddings_are_the_initial_network(store, tmp_path):
 def test_load_model_rejects_foreign_files(tmp_path):
     path = tmp_path / "weights.pt"
     torch.save({"state_dict": {}}, path)
-    with pytest.raises(ValueError, match="not a hapkit training checkpoint"):
+    with pytest.raises(CheckpointError, match="not a hapkit training checkpoint"):
         runs.load_model(path)
     with pytest.raises(FileNotFoundError):
         runs.load_model(tmp_path / "missing.pt")

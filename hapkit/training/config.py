@@ -702,7 +702,11 @@ def _parse_free_value(text: str):
     """A value for a free-form mapping (loss.kwargs): YAML scalars, with 1e-5 read as a number."""
     import yaml
 
-    value = yaml.safe_load(text) if text else None
+    try:
+        value = yaml.safe_load(text) if text else None
+    except yaml.YAMLError as e:
+        reason = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise ConfigError(f"{text!r} is not a YAML value ({reason}); quote it or fix it") from e
     if isinstance(value, str):
         try:
             return float(value)

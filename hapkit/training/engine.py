@@ -477,6 +477,8 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.loss_fn = build_loss(cfg, self.train_labels, embedding_size=self.model.embedding_size).to(self.device)
         self.loss_fn.check_finite = False  # _track_finite reports NaN without a host sync per step
+        # the training labels were validated with the dataset: only the loss's first call checks them
+        self.loss_fn.check_labels = False
         self.memory = TrainingMemory.from_recipe(cfg.train.memory, self.loss_fn, self.model.embedding_size,
                                                  self.train_labels.shape[1], cfg.data.batch_size, self.device)
 
