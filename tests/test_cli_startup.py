@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,3 +89,30 @@ def test_the_budget_sees_a_heavy_import():
     assert heavy_imports(["hapkit.cli", "hapkit.data.registry", "hapkit.data.sop", "torch._C"]) == [
         "hapkit.data.sop", "torch._C"]
     assert heavy_imports(["hapkit.data.registry", "hapkit.data.transforms", "torchvisionx"]) == []
+
+
+def test_bundled_recipes_read_the_same_with_both_yaml_parsers():
+    """`hapkit recipes` parses the bundled files with libyaml when it is there: it must read each
+    of them exactly as the pure-Python parser does."""
+    from hapkit.training.recipes import RECIPE_DIR, _parse, list_recipes
+
+    names = list_recipes()
+    assert len(names) > 10
+    for name in names:
+        path = RECIPE_DIR / f"{name}.yaml"
+        assert _parse(path) == yaml.safe_load(path.read_text()), name
+
+
+def test_a_broken_bundled_recipe_is_reported_by_the_reference_parser(tmp_path, monkeypatch):
+    import hapkit.training.recipes as recipes
+    from hapkit.training.config import ConfigError
+
+    (tmp_path / "broken_generated.yaml").write_text("method: happier\ndata: {dataset: generated\n")
+    monkeypatch.setattr(recipes, "RECIPE_DIR", tmp_path.resolve())
+    with pytest.raises(ConfigError) as caught:
+        recipes.read_recipe_dict("broken_generated")
+    try:
+        yaml.safe_load((tmp_path / "broken_generated.yaml").read_text())
+    except yaml.YAMLError as e:
+        expected = recipes._one_line(e)
+    assert str(caught.value).endswith(f"is not valid YAML: {expected}")
