@@ -107,6 +107,7 @@ def _add_reproduce(sub) -> None:
 
 
 def _add_prepare(sub) -> None:
+    # a plain table: every command builds this parser, so it must not import the loaders (or torch)
     from hapkit.data.registry import dataset_names
 
     names = ", ".join(dataset_names())

@@ -13,24 +13,23 @@
 - :class:`EmbeddingSet`: embeddings of a dataset's images with their labels, for figures.
 """
 
-from hapkit.data.base import (
-    AnnotationError,
-    DataError,
-    DatasetNotFoundError,
-    EvalSet,
-    HierarchicalDataset,
-    ImageFileDataset,
-    ImageReadError,
-    InMemoryImageDataset,
-    spread_indices,
-    spread_subset,
-)
-from hapkit.data.builder import build_eval_sets, build_split, build_train_set, recipe_transform
-from hapkit.data.embeddings import EmbeddingSet, label_frame
-from hapkit.data.preparation import prepare
-from hapkit.data.registry import DATASETS, dataset_info, dataset_names, get_dataset, get_eval_sets
-from hapkit.data.samplers import HierarchicalBatchSampler, MPerClassBatchSampler
-from hapkit.data.transforms import build_transforms
+from hapkit._lazy import lazy_exports
+
+# Names are imported from their submodule on first use: the command line reads the dataset names
+# (registry) to build its parser, and must not pay for torch, torchvision and every loader for that.
+_WHERE = {
+    **dict.fromkeys(
+        ["AnnotationError", "DataError", "DatasetNotFoundError", "EvalSet", "HierarchicalDataset",
+         "ImageFileDataset", "ImageReadError", "InMemoryImageDataset", "spread_indices", "spread_subset"],
+        "base",
+    ),
+    **dict.fromkeys(["build_eval_sets", "build_split", "build_train_set", "recipe_transform"], "builder"),
+    **dict.fromkeys(["EmbeddingSet", "label_frame"], "embeddings"),
+    "prepare": "preparation",
+    **dict.fromkeys(["DATASETS", "dataset_info", "dataset_names", "get_dataset", "get_eval_sets"], "registry"),
+    **dict.fromkeys(["HierarchicalBatchSampler", "MPerClassBatchSampler"], "samplers"),
+    "build_transforms": "transforms",
+}
 
 __all__ = [
     "get_dataset",
@@ -59,3 +58,5 @@ __all__ = [
     "AnnotationError",
     "ImageReadError",
 ]
+
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from importlib import import_module
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from hapkit.data.base import EvalSet, HierarchicalDataset
+if TYPE_CHECKING:  # the table is read by the command line's parser, which must not import torch
+    from hapkit.data.base import EvalSet, HierarchicalDataset
 
 __all__ = ["DatasetInfo", "DATASETS", "dataset_names", "dataset_info", "get_dataset", "get_eval_sets"]
 

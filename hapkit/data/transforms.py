@@ -23,10 +23,10 @@ from __future__ import annotations
 import dataclasses
 import enum
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
-import torch
-from torchvision.transforms import v2
+if TYPE_CHECKING:  # imported on first build: the specs are read with every recipe, torch is not needed for that
+    from torchvision.transforms import v2
 
 __all__ = [
     "TrainTransform",
@@ -91,6 +91,9 @@ def build_transforms(
 ) -> v2.Compose:
     """The train or test pipeline of ``kind`` from ``spec`` (default :func:`default_transform`);
     keyword ``fields`` replace fields of the spec (``build_transforms("imagenet", False, crop=256)``)."""
+    import torch
+    from torchvision.transforms import v2
+
     if kind not in TRANSFORM_KINDS:
         raise ValueError(f"unknown transform kind {kind!r}; choose one of {TRANSFORM_KINDS}")
     spec = default_transform(kind, train) if spec is None else spec
@@ -138,6 +141,8 @@ def build_transforms(
 
 
 def _plain(value):
+    import torch
+
     if isinstance(value, enum.Enum):
         return str(value.value)
     if isinstance(value, torch.dtype):
@@ -152,6 +157,9 @@ def _plain(value):
 def describe_transforms(transform) -> list[dict]:
     """The steps of a built pipeline as plain data: ``[{"name": "Resize", "size": [256, 256], ...}, ...]``
     (the torchvision class name and its public parameters)."""
+    import torch
+    from torchvision.transforms import v2
+
     steps = transform.transforms if isinstance(transform, v2.Compose) else [transform]
     out = []
     for step in steps:
