@@ -994,9 +994,10 @@ def _revisited_protocols(protocols) -> list[str]:
     return [p for p in REVISITED_PROTOCOLS if p in protocols]
 
 
-def _gnd_statuses(gnd, num_gallery: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _gnd_statuses(gnd, num_gallery: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(Q, R) gallery indices (-1 padded) and their status (easy / hard / junk) for each query of
-    a revisited ground truth (a list of dicts with 'easy', 'hard' and 'junk' index lists)."""
+    a revisited ground truth (a list of dicts with 'easy', 'hard' and 'junk' index lists), on
+    ``device`` (default the CPU)."""
     if isinstance(gnd, Mapping) and "gnd" in gnd:
         gnd = gnd["gnd"]  # the whole gnd_<name>.pkl content was passed
     rows = []
@@ -1027,13 +1028,14 @@ def _gnd_statuses(gnd, num_gallery: int) -> tuple[torch.Tensor, torch.Tensor]:
     if not rows:
         raise InputError("gnd is empty: no query to evaluate")
     width = max(1, max(len(r) for r in rows))
-    items = torch.full((len(rows), width), -1, dtype=torch.int64)
-    status = torch.zeros((len(rows), width), dtype=torch.int8)
+    # filled row by row on the host, then copied to the device in one transfer each
+    items = np.full((len(rows), width), -1, dtype=np.int64)
+    status = np.zeros((len(rows), width), dtype=np.int8)
     for q, seen in enumerate(rows):
         if seen:
-            items[q, : len(seen)] = torch.tensor(list(seen.keys()))
-            status[q, : len(seen)] = torch.tensor([_STATUS[s] for s in seen.values()], dtype=torch.int8)
-    return items, status
+            items[q, : len(seen)] = list(seen.keys())
+            status[q, : len(seen)] = [_STATUS[s] for s in seen.values()]
+    return torch.from_numpy(items).to(device), torch.from_numpy(status).to(device)
 
 
 def _revisited_chunk_values(position, status, num_ranked, protocols, ks, ap) -> dict[str, torch.Tensor]:
@@ -1045,8 +1047,8 @@ def _revisited_chunk_values(position, status, num_ranked, protocols, ks, ap) -> 
     out: dict[str, torch.Tensor] = {}
     for p in protocols:
         pos_codes, ign_codes = _ROLES[p]
-        positive = torch.isin(status, torch.tensor(pos_codes, dtype=status.dtype)) & valid
-        ignored = torch.isin(status, torch.tensor(ign_codes, dtype=status.dtype)) & valid
+        positive = torch.isin(status, torch.tensor(pos_codes, dtype=status.dtype, device=status.device)) & valid
+        ignored = torch.isin(status, torch.tensor(ign_codes, dtype=status.dtype, device=status.device)) & valid
         # the rank among the images that stay, and the number of positives ranked before
         r = (position - (ignored.cumsum(1) - ignored.long())).double()
         j = (positive.cumsum(1) - positive.long()).double()
@@ -1058,7 +1060,7 @@ def _revisited_chunk_values(position, status, num_ranked, protocols, ks, ap) -> 
         else:
             terms = after
         empty = n_pos == 0
-        nan = torch.full(n_pos.shape, float("nan"), dtype=torch.float64)
+        nan = torch.full(n_pos.shape, float("nan"), dtype=torch.float64, device=n_pos.device)
         out[f"AP@{p}"] = torch.where(empty, nan, (terms * positive).sum(1) / n_pos.clamp(min=1))
         rank1 = torch.where(positive, r + 1, torch.zeros_like(r))  # 1-based, 0 off the positives
         last = rank1.max(1).values
@@ -1121,11 +1123,11 @@ def evaluate_revisited(
     for name, t in zip(("gallery_embeddings", "distractor_embeddings"), parts):
         if t.shape[1] != queries.shape[1]:
             raise InputError(f"query embeddings have dimension {queries.shape[1]} but {name} {t.shape[1]}")
-    items, status = _gnd_statuses(gnd, gallery.shape[0])
+    dev = torch.device(device) if device is not None else queries.device
+    items, status = _gnd_statuses(gnd, gallery.shape[0], dev)
     if items.shape[0] != queries.shape[0]:
         raise InputError(f"gnd describes {items.shape[0]} queries but query_embeddings has {queries.shape[0]} rows")
 
-    dev = torch.device(device) if device is not None else queries.device
     dtype = torch.promote_types(torch.promote_types(queries.dtype, gallery.dtype), torch.float32)
     ranked = torch.cat([t.to(dev, dtype) for t in parts])
     num_ranked = ranked.shape[0]
@@ -1138,7 +1140,8 @@ def evaluate_revisited(
 
     Q = queries.shape[0]
     names = [f"AP@{p}" for p in protocols] + [f"P@{k}@{p}" for p in protocols for k in ks]
-    values = torch.full((len(names), Q), float("nan"), dtype=torch.float64)
+    # filled on the device without a synchronisation per chunk, read back once at the end
+    values = torch.full((len(names), Q), float("nan"), dtype=torch.float64, device=dev)
     for start in tqdm(range(0, Q, chunk_size), desc="evaluate", unit="chunk", disable=not progress, leave=False):
         stop = min(start + chunk_size, Q)
         scores = queries[start:stop].to(dev, dtype) @ ranked.T
@@ -1147,13 +1150,14 @@ def evaluate_revisited(
         # position[q, g] = rank of gallery image g for query q (the inverse permutation of order)
         position = torch.empty_like(order).scatter_(1, order, torch.arange(num_ranked, device=dev).expand_as(order))
         del order
-        chunk_items = items[start:stop].to(dev)
+        chunk_items = items[start:stop]
         labelled = position.gather(1, chunk_items.clamp(min=0))
         del position
         labelled = torch.where(chunk_items >= 0, labelled, torch.full_like(labelled, num_ranked))
-        out = _revisited_chunk_values(labelled.cpu(), status[start:stop], num_ranked, protocols, ks, ap)
+        out = _revisited_chunk_values(labelled, status[start:stop], num_ranked, protocols, ks, ap)
         for i, name in enumerate(names):
             values[i, start:stop] = out[name]
+    values = values.cpu()
 
     per_query = pd.DataFrame({n: values[i].numpy() for i, n in enumerate(names)})
     per_query.index.name = "query"
@@ -1215,16 +1219,20 @@ def revisited_ranking_table(ranking: Sequence[str], protocol: str = "medium") ->
     return pd.DataFrame(rows).set_index("rank")
 
 
-def alpha_query_expansion(query_embeddings, gallery_embeddings, k: int, alpha: float, chunk_size: int | None = None) -> torch.Tensor:
+def alpha_query_expansion(query_embeddings, gallery_embeddings, k: int, alpha: float, chunk_size: int | None = None,
+                          device=None) -> torch.Tensor:
     """α-query expansion (Radenović et al., TPAMI 2018; naver's ``--aqe K ALPHA``): each query is
     replaced by ``q + Σ_j s_j^α d_j`` over its k most similar gallery images d_j (similarity s_j),
     L2-normalised. ``alpha = 0`` is average query expansion; ``k = 0`` returns the queries.
 
     Similarities below zero weigh 0 (naver raises them to an integer power, which keeps the sign
     for odd α; the k nearest neighbours of a query are in practice all positive). Pass the
-    gallery with its distractors for R1M: memory stays bounded by chunks of queries.
+    gallery with its distractors for R1M: memory stays bounded by chunks of queries. ``device``:
+    where to compute, and where the expanded queries are returned (default: the queries' device).
     """
     queries = _as_embeddings(query_embeddings, "query_embeddings")
+    if device is not None:
+        queries = queries.to(device)
     gallery = _as_embeddings(gallery_embeddings, "gallery_embeddings").to(queries.device, queries.dtype)
     if k < 0 or alpha < 0:
         raise InputError(f"k and alpha must be non-negative, got k={k}, alpha={alpha}")

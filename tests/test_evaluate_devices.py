@@ -135,3 +135,51 @@ def test_amp_auto_takes_bf16_only_where_it_is_native(monkeypatch, emulated, want
     assert resolve_amp("auto", torch.device("cuda", 0)) == want
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)  # an older torch: no keyword
     assert resolve_amp("auto", torch.device("cuda", 0)) == torch.bfloat16
+
+
+class HostCopies(TorchFunctionMode):
+    """Counts the copies to the host that hapkit asks for whatever the inputs' device
+    (``.cpu()``, ``.to("cpu")``; a ``.to(device)`` of the inputs' device is not one): on a GPU
+    each one synchronises and moves the work it feeds to the CPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.found = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        to_host = func is torch.Tensor.cpu or (
+            func is torch.Tensor.to and "cpu" in (*args[1:], kwargs.get("device")))
+        frame = sys._getframe(1)
+        if to_host and "hapkit" in frame.f_code.co_filename:
+            self.found.append(f"{Path(frame.f_code.co_filename).name}:{frame.f_lineno} {frame.f_code.co_name}")
+        return func(*args, **kwargs)
+
+
+def revisited_problem():
+    from test_evaluate_revisited import random_problem
+
+    q, g, gnd = random_problem(num_queries=9, num_gallery=40)
+    distractors = torch.nn.functional.normalize(torch.randn(7, g.shape[1], generator=torch.Generator().manual_seed(1)),
+                                                dim=1)
+    return q, g, gnd, distractors
+
+
+def test_every_tensor_the_revisited_protocol_and_query_expansion_create_names_its_device():
+    q, g, gnd, distractors = revisited_problem()
+    with ImplicitDevices() as mode:
+        ev.evaluate_revisited(q, g, gnd, ks=(1, 5), distractor_embeddings=distractors, chunk_size=2, progress=False)
+        ev.evaluate_revisited(q, g, gnd, ap="standard", progress=False)
+        ev.alpha_query_expansion(q, torch.cat([g, distractors]), k=3, alpha=3.0, chunk_size=4)
+    assert not mode.found, sorted(mode.found)
+
+
+def test_the_revisited_protocol_stays_on_the_device_until_its_one_read_back():
+    q, g, gnd, distractors = revisited_problem()
+    with HostCopies() as mode:
+        res = ev.evaluate_revisited(q, g, gnd, distractor_embeddings=distractors, chunk_size=2, progress=False)
+        expanded = ev.alpha_query_expansion(q, g, k=3, alpha=3.0, chunk_size=4)
+    # the per-query table comes back once, after the last of the five chunks
+    assert len(mode.found) == 1, mode.found
+    assert res.settings["device"] == "cpu" and expanded.device == q.device
+
