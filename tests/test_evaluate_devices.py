@@ -183,3 +183,25 @@ def test_the_revisited_protocol_stays_on_the_device_until_its_one_read_back():
     assert len(mode.found) == 1, mode.found
     assert res.settings["device"] == "cpu" and expanded.device == q.device
 
+
+def test_a_landmark_benchmark_is_scored_on_the_device_it_is_embedded_on(monkeypatch):
+    import hapkit.training.landmarks as landmarks
+
+    q, g, gnd, distractors = revisited_problem()
+    eval_set = types.SimpleNamespace(name="bench", gnd=gnd, query=q, gallery=g, distractors=distractors)
+    monkeypatch.setattr(landmarks, "_embed", lambda model, ds, *a, **kw: ds)  # CPU rows, as extraction returns
+    seen = {}
+
+    def record(name, result):
+        def fn(*args, **kwargs):
+            seen[name] = kwargs.get("device")
+            return result(*args, **kwargs) if callable(result) else result
+        return fn
+
+    monkeypatch.setattr(landmarks, "alpha_query_expansion", record("qe", lambda queries, *a, **kw: queries))
+    monkeypatch.setattr(landmarks, "evaluate_revisited", record("score", ev.RetrievalResults({}, None, 0)))
+    landmarks.evaluate_landmark_set(torch.nn.Linear(2, 2), eval_set, device="cuda:0", query_expansion=(2, 3.0),
+                                    progress=False)
+    assert seen == {"qe": torch.device("cuda", 0), "score": torch.device("cuda", 0)}
+    landmarks.evaluate_landmark_set(torch.nn.Linear(2, 2), eval_set, query_expansion=(2, 3.0), progress=False)
+    assert seen == {"qe": torch.device("cpu"), "score": torch.device("cpu")}  # the model's device

@@ -30,6 +30,8 @@ __all__ = [
     "all_gather_nograd",
     "all_reduce_mean",
     "barrier",
+    "contiguous_share",
+    "gather_shares",
 ]
 
 
@@ -146,3 +148,29 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     y = x.detach().clone()
     dist.all_reduce(y, op=dist.ReduceOp.SUM)
     return y / dist.get_world_size()
+
+
+def contiguous_share(dataset, rank: int, world: int) -> tuple[torch.utils.data.Dataset, bool]:
+    """This process's contiguous share of ``dataset`` (the shares of processes 0, 1, ...
+    concatenate to it in order) and whether that share is empty.
+
+    An empty share (a set smaller than the number of processes) comes back as the set's first
+    item: the process embeds it for the embedding size, then contributes no row
+    (``rows[:0]``), so that it still joins the others' collectives instead of raising alone.
+    """
+    if world == 1:
+        return dataset, False
+    n = len(dataset)
+    lo, hi = n * rank // world, n * (rank + 1) // world
+    empty = lo == hi and n > 0
+    return torch.utils.data.Subset(dataset, range(lo, hi) if not empty else range(1)), empty
+
+
+def gather_shares(rows: torch.Tensor) -> torch.Tensor:
+    """Every process's (n_r, ...) rows concatenated in process order on every process, on the CPU
+    (n_r may differ, and may be 0); the rows themselves on the CPU without a process group."""
+    from hapkit.evaluate import _gather_rows
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return rows.cpu()
+    return _gather_rows(rows)

@@ -63,6 +63,7 @@ from hapkit.training.distributed import (
     all_gather_nograd,
     all_reduce_mean,
     barrier,
+    contiguous_share,
     gather_with_grad,
     init_distributed,
 )
@@ -294,8 +295,9 @@ def evaluate_model(
     protocol by :func:`hapkit.training.landmarks.evaluate_landmark_set` (``<set>/mAP@medium``,
     ``<set>/mP@5@hard``, ...; ``ks`` are the k of mP@k), embedded at ``scales`` (None: one scale,
     combined with the power mean of ``scale_power``) with alpha-query expansion
-    ``query_expansion`` = (k, alpha) when given; every process scores it whole, and ``max_items``
-    does not apply (the ground truth indexes the whole gallery).
+    ``query_expansion`` = (k, alpha) when given; with ``distributed`` every process embeds its
+    share of its queries, gallery and distractors and scores the gathered embeddings, and
+    ``max_items`` does not apply (the ground truth indexes the whole gallery).
     """
     from hapkit.evaluate import evaluate, extract_embeddings
 
@@ -305,15 +307,8 @@ def evaluate_model(
         return n * rank // world, n * (rank + 1) // world
 
     def embed(ds):
-        ds = spread_subset(ds, max_items)
-        empty = False
-        if world > 1:  # this process's contiguous share: the shards concatenate to the set in order
-            lo, hi = share(len(ds))
-            # a set smaller than the number of processes leaves this share empty: embed one item for
-            # the embedding size and label levels and contribute no row, so that this process still
-            # joins the others' collectives instead of raising alone
-            empty = lo == hi and len(ds) > 0
-            ds = torch.utils.data.Subset(ds, range(lo, hi) if not empty else range(1))
+        # an empty share still embeds one item, for the label levels the collectives compare
+        ds, empty = contiguous_share(spread_subset(ds, max_items), rank, world)
         loader = torch.utils.data.DataLoader(
             ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
             pin_memory=torch.device(device or "cpu").type == "cuda",
@@ -329,7 +324,8 @@ def evaluate_model(
 
             res = evaluate_landmark_set(model, es, batch_size=batch_size, device=device, scales=scales,
                                         power=scale_power, query_expansion=query_expansion, ks=ks,
-                                        progress=progress and rank == 0, amp=amp, num_workers=num_workers)
+                                        progress=progress and rank == 0, amp=amp, num_workers=num_workers,
+                                        distributed=distributed)
             summary = {k: float(v) for k, v in res.summary.items()}
             per_set.append(summary)
             out.update({f"{es.name}/{k}": v for k, v in summary.items()})
@@ -939,13 +935,17 @@ class Trainer:
     def learn_whitening(self):
         """Learn the recipe's PCA-whitening (``train.whitening``) on the training set and attach it
         to the model (:func:`hapkit.training.landmarks.learn_recipe_whitening`); with several
-        processes, rank 0's is given to every process."""
+        processes, each embeds its share of the training images and rank 0's fit of the gathered
+        embeddings is given to every process."""
         from hapkit.training.landmarks import learn_recipe_whitening
 
         with torch.random.fork_rng(devices=[]):
             whitening = learn_recipe_whitening(self.model, self.cfg, self.train_set, device=self.device,
-                                               progress=self.progress and self.dist.is_main)
+                                               progress=self.progress and self.dist.is_main,
+                                               distributed=self.dist.enabled)
         if self.dist.enabled:
+            # every process fitted the same rows; the broadcast rules out a last-bit difference
+            # between their eigendecompositions
             for buffer in whitening.buffers():
                 dist.broadcast(buffer, 0)
         return whitening
