@@ -179,16 +179,7 @@ def inputs_07(seed, cache):
 
 
 def inputs_08(seed, cache):
-    import torch
-
-    from hapkit.data import build_transforms, get_dataset, spread_subset
-    from hapkit.data.base import spread_indices
-    from hapkit.data.revisited import benchmark_from_labels
     from hapkit.evaluate import revisited_ranking_metrics
-    from hapkit.training.config import ModelConfig
-    from hapkit.training.landmarks import evaluate_landmark_set
-    from hapkit.training.models import build_model
-    from hapkit.training.whitening import attach_whitening, fit_pca_whitening, learn_whitening, unwhitened_embeddings
 
     rankings = {
         "easy first": ["easy", "easy", "negative", "junk", "negative", "negative", "hard", "negative", "hard", "negative"],
@@ -210,40 +201,11 @@ def inputs_08(seed, cache):
                      "block_s": revisited_ranking_metrics(block, ks=(1,), ap="standard")["AP@easy"]})
     forms = pd.DataFrame(rows)
 
-    batch_size = 64
-    torch.manual_seed(seed)
-    transform = build_transforms("generated", train=False)
-    test = get_dataset("generated", split="test", transform=transform)
-    bench = benchmark_from_labels(test, num_queries=16, gallery_size=512, seed=seed)
-    model = build_model(ModelConfig(backbone="small_cnn", pretrained=False, pooling="gem", layer_norm=False,
-                                    embedding_size=128)).eval()
-    results = evaluate_landmark_set(model, bench, batch_size=batch_size, progress=False)
-
-    def scores(**options):
-        return evaluate_landmark_set(model, bench, batch_size=batch_size, progress=False, **options).summary
-
-    train = get_dataset("generated", split="train", transform=transform)
-    loader = torch.utils.data.DataLoader(spread_subset(train, 2560), batch_size=batch_size)
-    learn_whitening(model, loader, power=0.25, progress=False)
-    processed = [results.summary, scores(), scores(query_expansion=(3, 3.0)),
-                 scores(query_expansion=(3, 3.0), scales=[1.0, 0.7071, 0.5])]
-    processing = pd.DataFrame(processed)[["mAP@easy", "mAP@medium", "mAP@hard"]]
-    subset = spread_subset(train, 5120)
-    raw, _ = unwhitened_embeddings(model, torch.utils.data.DataLoader(subset, batch_size=batch_size), progress=False)
-    whitened = {}
-    for n in (512, 5120):
-        for p in (0.0, 0.25, 0.5):
-            attach_whitening(model, fit_pca_whitening(raw[spread_indices(len(raw), n)], power=p))
-            whitened[p, n] = scores()
-    whitening_grid = pd.DataFrame(whitened).T[["mAP@easy", "mAP@medium", "mAP@hard"]].rename_axis(["power", "images"])
     return {
         "protocols": dict(by_protocol=by_protocol),
         "junk": dict(junk_table=junk_table),
         "ap_forms": dict(lone_ratio=forms["lone_t"] / forms["lone_s"], gap_lone=forms["lone_s"] - forms["lone_t"],
                          gap_block=forms["block_s"] - forms["block_t"]),
-        "toy_network": dict(results=results),
-        "processing": dict(processing=processing),
-        "exercise_3": dict(whitening_grid=whitening_grid, results=results),
     }
 
 
@@ -298,8 +260,15 @@ def margin_table(long: pd.DataFrame) -> pd.DataFrame:
 
     order = {(n, g): i for i, (n, g) in enumerate((n, g) for n, groups in CLAIMS.items() for g in groups)}
     wide = wide.reset_index()
-    wide["order"] = [order[n, g] for n, g in zip(wide["notebook"], wide["group"])]
+    wide["order"] = [order.get((n, g), len(order)) for n, g in zip(wide["notebook"], wide["group"])]  # measured
+    # with definitions since changed: last
     return wide.sort_values(["order", "claim"]).drop(columns="order")
+
+
+def _print(table: pd.DataFrame) -> None:
+    with pd.option_context("display.max_rows", None, "display.max_columns", None, "display.width", 250,
+                           "display.max_colwidth", 70, "display.float_format", "{:.4g}".format):
+        print(table.drop(columns=["group", "claim"]).to_string(index=False))
 
 
 def main(argv=None) -> int:
@@ -313,7 +282,11 @@ def main(argv=None) -> int:
     parser.add_argument("--footprint-seeds", type=int, nargs="*", default=[0, 1, 2],
                         help="seeds (repetitions) that also measure notebook 06's memory footprint")
     parser.add_argument("--csv", type=Path, default=None, help="write the long table here")
+    parser.add_argument("--from-csv", type=Path, default=None, help="print the table of a long table written by --csv")
     args = parser.parse_args(argv)
+    if args.from_csv:
+        _print(margin_table(pd.read_csv(args.from_csv)))
+        return 0
 
     import torch
 
@@ -340,10 +313,7 @@ def main(argv=None) -> int:
     if args.csv:
         args.csv.parent.mkdir(parents=True, exist_ok=True)
         long.to_csv(args.csv, index=False)
-    table = margin_table(long)
-    with pd.option_context("display.max_rows", None, "display.max_columns", None, "display.width", 250,
-                           "display.max_colwidth", 70, "display.float_format", "{:.4g}".format):
-        print(table.drop(columns=["group", "claim"]).to_string(index=False))
+    _print(margin_table(long))
     print(f"\n{len(long)} margins, {len(table)} claims, default torch threads {default_threads}, "
           f"{time.time() - started:.0f} s")
     return 0

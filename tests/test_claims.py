@@ -80,7 +80,6 @@ def test_a_notebook_claim_on_a_hand_made_case(capsys):
     got = margins("04_embedding_space", "organisation", gap=gap, ap_gap=ap_gap, **names)
     assert got == {
         "family and shape neighbours: HAPPIER above SupAP by more than 3 points": 1.5,  # min(7, 4.5) - 3
-        "shape and family AP: HAPPIER above SupAP by more than 3 points": 2.0,  # min(5, 12) - 3
         "variant level: the two within 3 points": 1.0,  # 3 - max(|-1|, |2|)
     }
     assert all(check("04_embedding_space", "organisation", gap=gap, ap_gap=ap_gap, **names).values())
