@@ -133,7 +133,6 @@ def inputs_06(seed, cache, threads, footprint=True):
     import numpy as np
 
     from hapkit.data import build_train_set
-    from hapkit.evaluate import evaluate
     from hapkit.training.footprint import measure_steps, multistage_gradient_difference
     from hapkit.training.runs import load_loss, trained_embeddings
     from hapkit.viz.proxies import cluster_history_frame
@@ -147,7 +146,6 @@ def inputs_06(seed, cache, threads, footprint=True):
     class_labels = np.unique(train.labels, axis=0)
     colour_of_class = [name.split("/")[1] for name in train.class_names[0]]
     clusters = cluster_history_frame(loss.cluster_history, class_labels, level_names, references={"colour": colour_of_class})
-    given, learned = (evaluate(e.embeddings, e.labels, progress=False).summary for e in test.values())
     recipe = FOOTPRINT["recipe"]
     seeded = [f"seed={seed}"]
     gradient_checks = {
@@ -157,7 +155,6 @@ def inputs_06(seed, cache, threads, footprint=True):
     }
     out = {
         "clusters": dict(clusters_over_time=clusters),
-        "given_vs_learned": dict(given=given, learned=learned, levels=len(level_names)),
         "gradients": dict(gradient_checks=gradient_checks),
     }
     if footprint:
@@ -313,7 +310,8 @@ def main(argv=None) -> int:
     if args.csv:
         args.csv.parent.mkdir(parents=True, exist_ok=True)
         long.to_csv(args.csv, index=False)
-    _print(margin_table(long))
+    table = margin_table(long)
+    _print(table)
     print(f"\n{len(long)} margins, {len(table)} claims, default torch threads {default_threads}, "
           f"{time.time() - started:.0f} s")
     return 0
