@@ -179,6 +179,25 @@ def test_a_checkpoint_is_loaded_without_running_code_from_it(tmp_path):
     assert not marker.exists()
 
 
+def test_checkpoints_of_earlier_versions_still_load_but_object_arrays_do_not(tmp_path):
+    import numpy as np
+
+    legacy = tmp_path / "legacy.pt"
+    state = {"rng": [{"numpy": ("MT19937", np.arange(624, dtype=np.uint32), 624, 0, 0.0)}]}
+    torch.save(state, legacy)  # an earlier hapkit stored numpy's RNG key as an array
+    assert load_checkpoint(legacy)["rng"][0]["numpy"][1].dtype == np.uint32
+    marker = tmp_path / "code-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    torch.save({"x": np.array([Payload()], dtype=object)}, tmp_path / "objects.pt")
+    with pytest.raises(CheckpointError, match="refuses this file"):
+        load_checkpoint(tmp_path / "objects.pt")
+    assert not marker.exists()
+
+
 def test_a_checkpoint_holds_only_what_loads_safely(tmp_path):
     with pytest.raises(CheckpointError, match=r"cannot save state\['x'\] \(.*Path\)"):
         save_atomic({"x": tmp_path}, tmp_path / "c.pt")

@@ -48,8 +48,16 @@ __all__ = [
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
+try:
+    from numpy._core.multiarray import _reconstruct as _np_reconstruct
+except ImportError:  # numpy < 2
+    from numpy.core.multiarray import _reconstruct as _np_reconstruct
+
 # Plain values a checkpoint may hold besides tensors; MultiStepLR keeps its milestones in a Counter.
-_SAFE_GLOBALS = [collections.Counter, collections.OrderedDict]
+# The numpy entries read checkpoints of earlier hapkit versions, whose numpy RNG key was a uint32
+# array: numeric arrays only (an object array needs globals that stay refused).
+_SAFE_GLOBALS = [collections.Counter, collections.OrderedDict,
+                 _np_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 _PLAIN = (int, float, str, bool, bytes, type(None), torch.Tensor, torch.Size, torch.dtype, torch.device)
 
 
