@@ -169,8 +169,8 @@ CLAIMS: dict[str, dict[str, tuple[Claim, ...]]] = {
         "organisation": (
             Claim("{coarse} and {middle} neighbours: HAPPIER above SupAP by more than 3 points",
                   lambda gap, middle, coarse: _min(gap[[middle, coarse]]), ">", 3.0, "points"),
-            Claim("{fine} level: the two within 3 points",
-                  lambda gap, ap_gap, fine: max(abs(float(gap[fine])), abs(float(ap_gap[fine]))), "<", 3.0, "points"),
+            Claim("{fine} level: the two within 5 points",
+                  lambda gap, ap_gap, fine: max(abs(float(gap[fine])), abs(float(ap_gap[fine]))), "<", 5.0, "points"),
         ),
         "failures": (
             Claim("HAPPIER has fewer wrong top-1 results in all",
@@ -190,8 +190,9 @@ CLAIMS: dict[str, dict[str, tuple[Claim, ...]]] = {
             Claim("HAPPIER better on most queries", lambda better: float(better), ">", 0.5, "fraction of queries"),
         ),
         "largest_gaps": (
-            Claim("SupAP's top results hold more images of other families",
-                  lambda other_family, largest: _min(other_family["SupAP", q] - other_family["HAPPIER", q] for q in largest),
+            Claim("SupAP's top results for these queries hold more images of other families",
+                  lambda other_family, largest: float(sum(other_family["SupAP", q] - other_family["HAPPIER", q]
+                                                          for q in largest)),
                   ">", 0.0, "images"),
         ),
     },

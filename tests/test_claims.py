@@ -80,11 +80,11 @@ def test_a_notebook_claim_on_a_hand_made_case(capsys):
     got = margins("04_embedding_space", "organisation", gap=gap, ap_gap=ap_gap, **names)
     assert got == {
         "family and shape neighbours: HAPPIER above SupAP by more than 3 points": 1.5,  # min(7, 4.5) - 3
-        "variant level: the two within 3 points": 1.0,  # 3 - max(|-1|, |2|)
+        "variant level: the two within 5 points": 3.0,  # 5 - max(|-1|, |2|)
     }
     assert all(check("04_embedding_space", "organisation", gap=gap, ap_gap=ap_gap, **names).values())
     capsys.readouterr()
     with pytest.raises(ClaimNotMet, match="variant level"):
-        check("04_embedding_space", "organisation", gap=gap, ap_gap=ap_gap.replace(2.0, -3.5), **names)
+        check("04_embedding_space", "organisation", gap=gap, ap_gap=ap_gap.replace(2.0, -5.5), **names)
     with pytest.raises(TypeError, match="needs the inputs"):
         margins("04_embedding_space", "organisation", gap=gap, **names)
