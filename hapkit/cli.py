@@ -176,32 +176,29 @@ def _train_setup(args):
         overrides.append(f"seed={args.seed}")
     if args.resume and args.overwrite:
         raise ConfigError("--resume continues the run in --out and --overwrite replaces it: choose one")
-    recorded = recorded_recipe(args.out) if args.resume and args.out and holds_run(args.out) else None
+    if args.recipe is None and args.out is None:
+        raise ConfigError("--recipe is required (or --out DIR --resume to continue a run): "
+                          "e.g. hapkit train --recipe happier_generated")
+    fresh = load_recipe(args.recipe, args.dataset, overrides) if args.recipe is not None else None
+    out = Path(args.out) if args.out is not None else Path("runs") / f"{fresh.name}-seed{fresh.seed}"
+    recorded = recorded_recipe(out) if args.resume and holds_run(out) else None
     if recorded is not None:
-        record = read_invocation(args.out) or {}
-        if args.recipe is not None:
-            asked = load_recipe(args.recipe, args.dataset, []).name
-            if asked != recorded.get("name"):
-                raise ConfigError(
-                    f"--recipe {args.recipe} names {asked}, but the run in {args.out} trains {recorded.get('name')}: "
-                    f"drop --recipe to resume it, or train {asked} into another --out"
-                )
+        if fresh is not None and fresh.name != recorded.get("name"):
+            raise ConfigError(
+                f"--recipe {args.recipe} names {fresh.name}, but the run in {out} trains {recorded.get('name')}: "
+                f"drop --recipe to resume it, or train {fresh.name} into another --out"
+            )
         if args.data_root is not None:
             overrides.append(f"data.root={args.data_root}")
         cfg = apply_overrides(from_dict(Recipe, recorded), overrides)
-        invocation = {k: record[k] for k in ("recipe_arg", "dataset", "overrides") if k in record}
-        return cfg, Path(args.out), invocation
-    if args.recipe is None:
-        where = f"{args.out} holds no run to resume" if args.resume and args.out else "no run directory to resume"
-        raise ConfigError(f"--recipe is required ({where}): e.g. hapkit train --recipe happier_generated")
-    cfg = load_recipe(args.recipe, args.dataset, overrides)
-    if args.data_root is not None:
-        cfg = apply_overrides(cfg, [f"data.root={args.data_root}"])
-    out = Path(args.out) if args.out is not None else Path("runs") / f"{cfg.name}-seed{cfg.seed}"
-    if not args.overwrite:
+        record = read_invocation(out) or {}
+        return cfg, out, {k: record[k] for k in ("recipe_arg", "dataset", "overrides") if k in record}
+    if fresh is None:
+        raise ConfigError(f"--recipe is required ({out} holds no run to resume): e.g. hapkit train --recipe happier_generated")
+    cfg = apply_overrides(fresh, [f"data.root={args.data_root}"]) if args.data_root is not None else fresh
+    if not (args.overwrite or args.resume):
         claim_run_dir(out)  # refuse before the model and data are built
-    invocation = {"recipe_arg": args.recipe, "dataset": args.dataset, "overrides": overrides}
-    return cfg, out, invocation
+    return cfg, out, {"recipe_arg": args.recipe, "dataset": args.dataset, "overrides": overrides}
 
 
 def _cmd_train(args) -> int:

@@ -130,6 +130,20 @@ def test_resume_flags_change_only_what_continuing_allows_and_say_so(tmp_path, ca
         assert files(out) == before
 
 
+def test_resume_finds_the_default_run_directory_of_a_recipe(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["train", "--recipe", "happier_generated", "--set", "train.epochs=1", *QUICK]
+    assert main(args) == 0
+    run_dir = tmp_path / "runs" / "happier_generated-seed0"
+    assert load_checkpoint(run_dir / "checkpoint.pt")["epoch"] == 1
+    capsys.readouterr()
+    assert main(["train", "--recipe", "happier_generated", "--resume", "--set", "train.epochs=2", "--no-progress"]) == 0
+    assert "resumed with train.epochs: 1 -> 2" in capsys.readouterr().out
+    assert load_checkpoint(run_dir / "checkpoint.pt")["epoch"] == 2
+    assert main(["train", "--resume"]) == 2  # neither a recipe nor a run directory
+    assert "--recipe is required" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------- verified checkpoints
 
 

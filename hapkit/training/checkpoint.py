@@ -37,7 +37,6 @@ __all__ = [
     "save_atomic",
     "load_checkpoint",
     "load_verified",
-    "load_resumable",
     "previous_path",
     "digest_path",
     "damaged_path",
@@ -274,8 +273,6 @@ def load_verified(path, map_location="cpu") -> tuple[dict, Path]:
         warnings.warn(f"{error}; using the previous checkpoint {prev} instead", RuntimeWarning, stacklevel=2)
         return state, prev
 
-
-load_resumable = load_verified  # the name the training loop has always used
 
 
 def rng_state() -> dict:
